@@ -1,0 +1,239 @@
+// CPU kernels of the MoS linear op, and the schema of the extension's ops.
+//
+//   forward:  one pass over the experts builds W_a (n_out, n_in) and b_a, then the vendor GEMM.
+//   backward: dx = dy @ W_a (W_a rebuilt, not saved); G = dy^T x by one GEMM; then one pass over
+//             the rows of G writes dE (all m slices, zero outside the active slice), dbias and
+//             dbeta together. Rows are split across threads; sums over a row run in a fixed
+//             order, so the gradients are bit-identical from run to run.
+//
+// beta arrives as (n_out, m) with any strides (layer-wise MoS passes a row stride of 0).
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <array>
+#include <vector>
+
+namespace mos {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kLanes = 8;  // independent partial sums: lets the compiler vectorise dot()
+
+template <typename acc_t, typename scalar_t>
+acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += a[k + j] * static_cast<acc_t>(b[k + j]);
+  acc_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  for (; k < n; ++k) total += a[k] * static_cast<acc_t>(b[k]);
+  return total;
+}
+
+struct Dims {
+  int64_t tokens, n_out, n_in, m, n_max, k_max;
+};
+
+Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
+           const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "mos_linear: x must be (T, n_in), got ", x.sizes());
+  TORCH_CHECK(experts.dim() == 3, "mos_linear: experts must be (m, N_max, K_max), got ",
+              experts.sizes());
+  TORCH_CHECK(beta.dim() == 2, "mos_linear: beta must be (n_out, m), got ", beta.sizes());
+  Dims d{x.size(0), beta.size(0), x.size(1), experts.size(0), experts.size(1), experts.size(2)};
+  TORCH_CHECK(beta.size(1) == d.m, "mos_linear: beta must have m = ", d.m, " columns");
+  TORCH_CHECK(d.n_in <= d.k_max && d.n_out <= d.n_max, "mos_linear: active slice (", d.n_out,
+              ", ", d.n_in, ") exceeds experts ", experts.sizes());
+  TORCH_CHECK(x.scalar_type() == experts.scalar_type() && x.scalar_type() == beta.scalar_type(),
+              "mos_linear: x, experts and beta must share one dtype");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "mos_linear: bias dtype must match x");
+    TORCH_CHECK((bias->dim() == 1 && bias->size(0) == d.n_max) ||
+                    (bias->dim() == 2 && bias->size(0) == d.m && bias->size(1) == d.n_max),
+                "mos_linear: bias must be (N_max,) or (m, N_max), got ", bias->sizes());
+  }
+  return d;
+}
+
+// beta in the accumulation type, contiguous (n_out, m): small, and it frees the loops below from
+// strides and conversions.
+template <typename scalar_t>
+Tensor beta_as_acc(const Tensor& beta) {
+  return beta.to(c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value).contiguous();
+}
+
+// W_a[o, k] = sum_i beta[o, i] E[i, o, k] for o < n_out, k < n_in; b_a likewise for a per-expert
+// bias. Rows are independent, so they are split across threads.
+template <typename scalar_t>
+std::pair<Tensor, Tensor> combine(const Tensor& experts_in, const Tensor& beta,
+                                  const c10::optional<Tensor>& bias, const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
+  const Tensor beta_acc = beta_as_acc<scalar_t>(beta);
+  Tensor weight = at::empty({d.n_out, d.n_in}, experts.options());
+  const scalar_t* E = experts.const_data_ptr<scalar_t>();
+  const acc_t* B = beta_acc.const_data_ptr<acc_t>();
+  scalar_t* W = weight.mutable_data_ptr<scalar_t>();
+  const int64_t s0 = experts.stride(0), s1 = experts.stride(1), m = d.m, K = d.n_in;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * m));
+
+  at::parallel_for(0, d.n_out, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : K);
+    for (int64_t o = begin; o < end; ++o) {
+      acc_t* acc = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(W + o * K)
+                                                   : scratch.data();
+      const scalar_t* e0 = E + o * s1;
+      const acc_t b0 = B[o * m];
+      for (int64_t k = 0; k < K; ++k) acc[k] = b0 * static_cast<acc_t>(e0[k]);
+      for (int64_t i = 1; i < m; ++i) {
+        const scalar_t* ei = E + i * s0 + o * s1;
+        const acc_t bi = B[o * m + i];
+        for (int64_t k = 0; k < K; ++k) acc[k] += bi * static_cast<acc_t>(ei[k]);
+      }
+      if constexpr (!std::is_same_v<scalar_t, acc_t>)
+        for (int64_t k = 0; k < K; ++k) W[o * K + k] = static_cast<scalar_t>(acc[k]);
+    }
+  });
+
+  Tensor mixed_bias;
+  if (bias.has_value() && bias->dim() == 1) {
+    mixed_bias = bias->narrow(0, 0, d.n_out);
+  } else if (bias.has_value()) {
+    const Tensor bias_c = bias->contiguous();
+    const scalar_t* Bias = bias_c.const_data_ptr<scalar_t>();
+    mixed_bias = at::empty({d.n_out}, experts.options());
+    scalar_t* b_a = mixed_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t o = 0; o < d.n_out; ++o) {
+      acc_t acc = 0;
+      for (int64_t i = 0; i < m; ++i) acc += B[o * m + i] * static_cast<acc_t>(Bias[i * d.n_max + o]);
+      b_a[o] = static_cast<scalar_t>(acc);
+    }
+  }
+  return {weight, mixed_bias};
+}
+
+Tensor forward_cpu(const Tensor& x, const Tensor& experts, const Tensor& beta,
+                   const c10::optional<Tensor>& bias) {
+  const Dims d = check(x, experts, beta, bias);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mos_forward", [&] {
+    auto [weight, mixed_bias] = combine<scalar_t>(experts, beta, bias, d);
+    return mixed_bias.defined() ? at::addmm(mixed_bias, x, weight.t()) : at::mm(x, weight.t());
+  });
+}
+
+// One pass over the rows o < N_max of the experts' gradient. Row o < n_out, for each expert i:
+//   dE[i, o, k]  = beta[o, i] * G[o, k]          (k < n_in; zero for n_in <= k < K_max)
+//   dbeta[o, i]  = sum_k G[o, k] E[i, o, k] + s[o] * bias[i, o]
+//   dbias[i, o]  = beta[o, i] * s[o]
+// Rows n_out <= o < N_max of dE and dbias are zero.
+template <typename scalar_t>
+void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const Tensor& experts,
+                          const Tensor& beta_acc, const c10::optional<Tensor>& bias, const Dims& d,
+                          Tensor& d_experts, Tensor& d_beta, Tensor& d_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool want_e = d_experts.defined(), want_beta = d_beta.defined(), want_bias = d_bias.defined();
+  const bool expert_bias = bias.has_value() && bias->dim() == 2;
+  const acc_t* G = grad_rows.defined() ? grad_rows.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* S = row_sums.const_data_ptr<acc_t>();
+  const acc_t* B = beta_acc.const_data_ptr<acc_t>();
+  const scalar_t* E = experts.const_data_ptr<scalar_t>();
+  const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
+  const scalar_t* Bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dE = want_e ? d_experts.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* dBeta = want_beta ? d_beta.mutable_data_ptr<acc_t>() : nullptr;
+  scalar_t* dBias = want_bias ? d_bias.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t m = d.m, K = d.n_in, k_max = d.k_max, n_max = d.n_max;
+  const int64_t s0 = experts.stride(0), s1 = experts.stride(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k_max * m));
+
+  at::parallel_for(0, n_max, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const bool active = o < d.n_out;
+      for (int64_t i = 0; i < m; ++i) {
+        if (want_e) {
+          scalar_t* row = dE + (i * n_max + o) * k_max;
+          int64_t k = 0;
+          if (active) {
+            const acc_t b = B[o * m + i];
+            const acc_t* g = G + o * K;
+            for (; k < K; ++k) row[k] = static_cast<scalar_t>(b * g[k]);
+          }
+          for (; k < k_max; ++k) row[k] = scalar_t(0);
+        }
+        if (want_bias && expert_bias)
+          dBias[i * n_max + o] = active ? static_cast<scalar_t>(B[o * m + i] * S[o]) : scalar_t(0);
+        if (want_beta && active) {
+          acc_t total = dot(G + o * K, E + i * s0 + o * s1, K);
+          if (Bias != nullptr && expert_bias) total += S[o] * static_cast<acc_t>(Bias[i * n_max + o]);
+          dBeta[o * m + i] = total;
+        }
+      }
+      if (want_bias && !expert_bias) dBias[o] = active ? static_cast<scalar_t>(S[o]) : scalar_t(0);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& x,
+                                                        const Tensor& experts_in, const Tensor& beta,
+                                                        const c10::optional<Tensor>& bias,
+                                                        std::array<bool, 4> needs) {
+  const Dims d = check(x, experts_in, beta, bias);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == d.tokens && dy.size(1) == d.n_out,
+              "mos_linear backward: dy must be (", d.tokens, ", ", d.n_out, "), got ", dy.sizes());
+  const bool want_bias = needs[3] && bias.has_value();
+  const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
+  const Tensor empty = x.new_empty({0});
+  Tensor d_x = empty, d_experts = empty, d_beta = empty, d_bias = empty;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mos_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    if (needs[0]) d_x = at::mm(dy, combine<scalar_t>(experts, beta, bias, d).first);
+    if (!(needs[1] || needs[2] || want_bias)) return;
+
+    const Tensor beta_acc = beta_as_acc<scalar_t>(beta);
+    const Tensor row_sums = dy.sum(0, /*keepdim=*/false, acc_type).contiguous();
+    Tensor grad_rows;  // G = dy^T x in the accumulation type, (n_out, n_in)
+    if (needs[1] || needs[2]) {
+      grad_rows = std::is_same_v<scalar_t, acc_t> ? at::mm(dy.t(), x)
+                                                  : at::mm(dy.t().to(acc_type), x.to(acc_type));
+      grad_rows = grad_rows.contiguous();
+    }
+    Tensor e_out = needs[1] ? at::empty(experts.sizes(), experts.options()) : Tensor();
+    Tensor beta_out = needs[2] ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
+    Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
+    weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_acc, bias, d, e_out, beta_out,
+                                   bias_out);
+    if (needs[1]) d_experts = e_out;
+    if (needs[2]) d_beta = beta_out.to(beta.scalar_type());
+    if (want_bias) d_bias = bias_out;
+  });
+  return {d_x, d_experts, d_beta, d_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mos_kernels_ext, m) {
+  m.def("forward(Tensor x, Tensor experts, Tensor beta, Tensor? bias) -> Tensor");
+  m.def("backward(Tensor dy, Tensor x, Tensor experts, Tensor beta, Tensor? bias, bool[4] needs)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mos_kernels_ext, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+}
+
+}  // namespace mos
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+#ifdef MOS_WITH_CUDA
+  module.attr("with_cuda") = true;
+#else
+  module.attr("with_cuda") = false;
+#endif
+}

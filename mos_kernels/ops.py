@@ -1,0 +1,121 @@
+"""The public op: argument checks, backend choice, and the torch.library registration.
+
+``mos_kernels::mos_linear`` and ``mos_kernels::mos_linear_backward`` are custom ops with fake
+kernels and an autograd formula, so torch.compile(fullgraph=True) sees one opaque node per call.
+Their ``backend`` argument names the fused implementation (cpu, triton or cuda) that runs them.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from ._contract import check_inputs
+
+_resolved = {}
+
+
+def _reason(name: str, device: torch.device) -> Optional[str]:
+    return backends.load(name).unavailable_reason(device)
+
+
+def _auto_order(device: torch.device) -> Tuple[str, ...]:
+    if device.type == "cpu":
+        return ("cpu",)
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return ("triton", "cuda") if major >= 8 else ("cuda", "triton")
+    return ()
+
+
+def resolve_backend(backend: str = "auto", device="cpu") -> str:
+    """The backend that ``mos_linear(..., backend=backend)`` runs for tensors on ``device``.
+
+    "auto" picks the first available of: cpu for CPU tensors; triton then cuda on sm_80 and
+    newer; cuda then triton on older GPUs; and "reference" where none is available. Naming a
+    backend that cannot run on the device raises RuntimeError saying why.
+    """
+    device = torch.device(device)
+    key = (backend, device)
+    if key not in _resolved:
+        if backend == "reference":
+            name = backend
+        elif backend in backends.FUSED:
+            reason = _reason(backend, device)
+            if reason is not None:
+                raise RuntimeError(f"mos_linear: backend {backend!r} cannot run here: {reason}")
+            name = backend
+        elif backend == "auto":
+            name = next((n for n in _auto_order(device) if _reason(n, device) is None),
+                        "reference")
+        else:
+            raise ValueError(f"mos_linear: backend must be one of "
+                             f"{('auto', 'reference') + backends.FUSED}, got {backend!r}")
+        _resolved[key] = name
+    return _resolved[key]
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Backends that can run on ``device`` here, "reference" first."""
+    device = torch.device(device)
+    return ["reference"] + [n for n in backends.FUSED if _reason(n, device) is None]
+
+
+def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] = None, *,
+               out_features: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """y = x @ W_a^T + b_a with W_a = sum_i diag(beta[:, i]) experts[i, :n_out, :n_in].
+
+    x: (..., n_in); experts: (m, N_max, K_max), read through the [:n_out, :n_in] slice, never
+    copied; beta: (n_out, m) neuron-wise, or (m,) layer-wise with ``out_features`` = n_out;
+    bias: None, shared (N_max,), or per expert (m, N_max) mixed by beta like the weights.
+    Returns (..., n_out). Differentiable in x, experts, beta and bias.
+    """
+    dims = check_inputs(x, experts, beta, bias, out_features)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.mos_linear(x, experts, beta, bias, out_features=out_features)
+    beta_rows = beta.expand(dims.n_out, dims.num_experts)  # layer-wise: row stride 0, no copy
+    y = torch.ops.mos_kernels.mos_linear(x.reshape(-1, dims.n_in), experts, beta_rows, bias, name)
+    return y.reshape(*x.shape[:-1], dims.n_out)
+
+
+@torch.library.custom_op("mos_kernels::mos_linear", mutates_args=())
+def _mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor],
+                backend: str) -> Tensor:
+    return backends.load(backend).forward(x, experts, beta, bias)
+
+
+@_mos_linear.register_fake
+def _(x, experts, beta, bias, backend):
+    return x.new_empty(x.shape[0], beta.shape[0])
+
+
+@torch.library.custom_op("mos_kernels::mos_linear_backward", mutates_args=())
+def _mos_linear_backward(dy: Tensor, x: Tensor, experts: Tensor, beta: Tensor,
+                         bias: Optional[Tensor], backend: str,
+                         needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.load(backend).backward(dy, x, experts, beta, bias, needs))
+
+
+@_mos_linear_backward.register_fake
+def _(dy, x, experts, beta, bias, backend, needs):
+    like = (x, experts, beta, bias)
+    return tuple(t.new_empty(t.shape) if need else dy.new_empty(0) for t, need in zip(like, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, experts, beta, bias, backend = inputs
+    ctx.save_for_backward(x, experts, beta, bias)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, experts, beta, bias = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    needs[3] = needs[3] and bias is not None
+    grads = torch.ops.mos_kernels.mos_linear_backward(dy, x, experts, beta, bias, ctx.backend,
+                                                      needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)
+
+
+_mos_linear.register_autograd(_backward, setup_context=_setup_context)
