@@ -1,0 +1,1 @@
+"""Supernets that use mos_kernels.MoSLinear: machine translation (mt) and BERT (bert)."""

@@ -1,0 +1,360 @@
+"""Tests of mos_models.common: elastic layers, checkpoints, evolution, training helpers, DDP."""
+import io
+import os
+import random
+import socket
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mos_kernels
+from mos_kernels import reference
+from mos_models.common import (ElasticEmbedding, ElasticLayerNorm, ElasticLinear, EvolutionConfig,
+                               GeneSpace, ProgressBar, arch_rng, evolutionary_search,
+                               latest_checkpoint, load_training_state, measure_latency,
+                               sample_archs, sandwich_step, save_checkpoint, save_training_state,
+                               set_backend, trimmed_mean, warmup_cosine, warmup_cosine_factor)
+from mos_models.common import checkpoint as ckpt_module
+
+FUSED = [b for b in mos_kernels.available_backends("cpu") if b != "reference"]
+
+
+def _enc(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# ElasticLinear
+
+@pytest.mark.parametrize("n_in,n_out", [(7, 5), (16, 33), (1, 1)])
+def test_standard_is_the_sliced_linear(n_in, n_out):
+    torch.manual_seed(0)
+    layer = ElasticLinear(16, 33, kind="standard", arch_dim=3)
+    layer.set_arch(_enc(0.5, 1, 1), n_in, n_out)
+    x = torch.randn(2, 3, n_in, requires_grad=True)
+    y = layer(x)
+    expected = F.linear(x, layer.weight[:n_out, :n_in], layer.bias[:n_out])
+    torch.testing.assert_close(y, expected)
+    y.square().sum().backward()
+    grad = layer.weight.grad
+    assert grad[n_out:].abs().sum() == 0 and grad[:, n_in:].abs().sum() == 0
+    assert grad[:n_out, :n_in].abs().sum() > 0
+    lin = layer.to_linear()
+    assert type(lin) is nn.Linear and lin.weight.shape == (n_out, n_in)
+    torch.testing.assert_close(lin(x.detach()), y.detach())
+
+
+@pytest.mark.parametrize("kind", ["neuron", "layer"])
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_mos_kinds_match_the_float64_oracle(kind, backend):
+    torch.manual_seed(1)
+    layer = ElasticLinear(12, 9, kind=kind, arch_dim=4, num_experts=3, router_hidden=8,
+                          backend=backend)
+    encoding = _enc(0.25, 0.5, 1.0, 0.75)
+    layer.set_arch(encoding, 7, 5)
+    x = torch.randn(6, 7, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+
+    mos = layer.mos
+    params64 = [p.detach().double().requires_grad_() for p in
+                (mos.experts, mos.bias, *mos.router.parameters())]
+    experts, bias, w1, b1, w2, b2 = params64
+    x64 = x.detach().double().requires_grad_()
+    logits = F.linear(F.relu(F.linear(encoding.double(), w1, b1)), w2, b2)
+    beta = logits.view(9, 3)[:5].softmax(-1) if kind == "neuron" else logits.softmax(-1)
+    y64 = reference.mos_linear(x64, experts, beta, bias, out_features=5)
+    y64.sum().backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    for p, p64 in zip((mos.experts, mos.bias, *mos.router.parameters()), params64):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-5)
+
+    torch.testing.assert_close(layer.to_linear()(x.detach()), y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_set_backend_switches_every_layer_and_keeps_outputs():
+    torch.manual_seed(2)
+    model = nn.Sequential(ElasticLinear(8, 6, kind="neuron", arch_dim=2),
+                          ElasticLinear(6, 4, kind="layer", arch_dim=2))
+    for layer in model:
+        layer.set_arch(_enc(1, 0.5))
+    x = torch.randn(5, 8)
+    outputs = {}
+    for backend in ["reference"] + FUSED:
+        set_backend(model, backend)
+        assert all(layer.backend == backend and layer.mos.backend == backend for layer in model)
+        outputs[backend] = model(x)
+    for y in outputs.values():
+        torch.testing.assert_close(y, outputs["reference"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["standard", "neuron", "layer"])
+def test_eval_cache_computes_weights_once_per_architecture(kind, monkeypatch):
+    torch.manual_seed(3)
+    layer = ElasticLinear(10, 8, kind=kind, arch_dim=2).eval()
+    owner = layer.mos if layer.mos is not None else layer
+    calls = []
+    original = type(owner).collapsed_weights
+    monkeypatch.setattr(type(owner), "collapsed_weights",
+                        lambda self: calls.append(1) or original(self))
+    x = torch.randn(3, 6)
+    layer.set_arch(_enc(0.5, 1), 6, 4)
+    with torch.no_grad():
+        first = layer(x)
+        for _ in range(4):
+            torch.testing.assert_close(layer(x), first)
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.set_arch(_enc(1, 1), 6, 8)
+        layer(x)
+        layer(x)
+    assert len(calls) == 2
+    with torch.no_grad():  # a parameter update invalidates the cache
+        next(layer.parameters()).add_(1.0)
+        layer(x)
+    assert len(calls) == 3
+    layer.train()
+    layer(x)  # training mode never uses the cache
+    assert len(calls) == 3 + (kind == "standard")
+
+
+def test_elastic_linear_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        ElasticLinear(4, 4, kind="expert")
+    layer = ElasticLinear(4, 4, kind="neuron", arch_dim=3)
+    with pytest.raises(ValueError, match="in_features"):
+        layer.set_arch(_enc(1, 1, 1), 5, 4)
+    with pytest.raises(ValueError, match="encoding"):
+        layer.set_arch(None, 4, 4)
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_arch(_enc(1, 1), 4, 4)
+    with pytest.raises(ValueError, match="backend"):
+        layer.set_backend("gpu")
+    layer.set_arch(_enc(1, 1, 1), 3, 2)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        layer(torch.randn(2, 4))
+
+
+def test_elastic_embedding_and_layer_norm_slice_and_export():
+    torch.manual_seed(4)
+    emb = ElasticEmbedding(11, 8, padding_idx=0).set_arch(5)
+    tokens = torch.tensor([[0, 3, 10]])
+    torch.testing.assert_close(emb(tokens), emb.weight[tokens][..., :5])
+    torch.testing.assert_close(emb.to_embedding()(tokens), emb(tokens))
+    norm = ElasticLayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_()
+        norm.bias.uniform_()
+    norm.set_arch(5)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (5,), norm.weight[:5], norm.bias[:5]))
+    torch.testing.assert_close(norm.to_layer_norm()(x), norm(x))
+    with pytest.raises(ValueError, match="embedding_dim"):
+        emb.set_arch(9)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    save_checkpoint({"a": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        save_checkpoint({"a": 2}, path)
+    assert torch.load(path) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_training_state_round_trip_and_keep(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = warmup_cosine(opt, 2, 10)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        sched.step()
+    for step in (1, 2, 3):
+        save_training_state(tmp_path, step, model, opt, sched, extra={"position": step * 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_2.pt", "checkpoint_3.pt"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint_3.pt"
+    after_save = (torch.rand(3), random.random())
+
+    model2 = nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=0.1)
+    sched2 = warmup_cosine(opt2, 2, 10)
+    info = load_training_state(tmp_path, model2, opt2, sched2)
+    assert info["step"] == 3 and info["extra"] == {"position": 21}
+    torch.testing.assert_close(torch.rand(3), after_save[0])
+    assert random.random() == after_save[1]
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q)
+    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"],
+                               opt.state_dict()["state"][0]["exp_avg"])
+    assert load_training_state(tmp_path / "empty", model2) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# evolution
+
+def test_evolutionary_search_is_deterministic_and_respects_the_constraint():
+    space = GeneSpace({f"g{i}": [0, 1, 2, 3] for i in range(6)})
+    constraint = lambda arch: sum(arch.values()) <= 9  # noqa: E731
+    target = {"g0": 3, "g1": 0, "g2": 3, "g3": 0, "g4": 3, "g5": 0}
+    fitness = lambda arch: sum((arch[k] - target[k]) ** 2 for k in arch)  # noqa: E731
+    seen = []
+    config = EvolutionConfig(iterations=8, population=30, parents=6, mutations=12, crossovers=12,
+                             seed=7)
+    result = evolutionary_search(space, lambda a: seen.append(a) or fitness(a), constraint, config)
+    assert result.best == target and result.best_fitness == 0
+    assert all(constraint(a) for a in seen)
+    assert result.history == sorted(result.history, reverse=True)  # elitism: never worse
+    assert result.evaluated == len({space.key(a) for a in seen}) == len(seen)  # scored once
+    again = evolutionary_search(space, fitness, constraint, config)
+    assert again.best == result.best and again.history == result.history
+    with pytest.raises(RuntimeError, match="constraint"):
+        evolutionary_search(space, fitness, lambda a: False,
+                            EvolutionConfig(population=2, parents=1, max_tries=20))
+
+
+def test_gene_space_basics():
+    space = GeneSpace({"a": [1, 4, 2], "b": ["x"]})
+    assert space.largest() == {"a": 4, "b": "x"} and space.smallest() == {"a": 1, "b": "x"}
+    rng = random.Random(0)
+    assert all(space.sample(rng)["a"] in (1, 2, 4) for _ in range(20))
+    assert space.mutate({"a": 2, "b": "x"}, 0.0, rng) == {"a": 2, "b": "x"}
+    with pytest.raises(ValueError, match="not one of"):
+        space.validate({"a": 3, "b": "x"})
+    with pytest.raises(ValueError, match="missing"):
+        space.validate({"a": 1})
+    cfg = EvolutionConfig()
+    assert (cfg.iterations, cfg.population, cfg.parents, cfg.mutations, cfg.mutation_prob,
+            cfg.crossovers) == (30, 125, 25, 50, 0.3, 50)
+
+
+# ---------------------------------------------------------------------------------------------
+# training helpers
+
+class ToySupernet(nn.Module):
+    """Two MoS layers whose hidden width is the only gene."""
+
+    space = GeneSpace({"hidden": [3, 6, 12]})
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = ElasticLinear(5, 12, kind="neuron", arch_dim=1, router_hidden=4)
+        self.fc2 = ElasticLinear(12, 2, kind="neuron", arch_dim=1, router_hidden=4)
+
+    def set_arch(self, arch):
+        enc = torch.tensor([arch["hidden"] / 12])
+        self.fc1.set_arch(enc, 5, arch["hidden"])
+        self.fc2.set_arch(enc, arch["hidden"], 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _toy_loss(x, y):
+    return lambda model, arch: F.mse_loss(model(x), y)
+
+
+def test_sampling_and_sandwich_step_sum_gradients():
+    space = ToySupernet.space
+    archs = sample_archs(space, arch_rng(1, 5))
+    assert archs[:2] == [space.largest(), space.smallest()]
+    assert archs == sample_archs(space, arch_rng(1, 5))  # same seed and step: same draw
+    assert len(sample_archs(space, arch_rng(1, 5), "spos")) == 1
+    with pytest.raises(ValueError, match="mode"):
+        sample_archs(space, arch_rng(1, 5), "all")
+
+    torch.manual_seed(6)
+    model = ToySupernet()
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+    losses = sandwich_step(model, archs, _toy_loss(x, y))
+    summed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for arch, loss in zip(archs, losses):
+        model.zero_grad()
+        model.set_arch(arch)
+        single = F.mse_loss(model(x), y)
+        assert single.item() == pytest.approx(loss)
+        single.backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad
+    for n in summed:
+        torch.testing.assert_close(summed[n], expected[n])
+
+
+def test_warmup_cosine_and_progress_bar():
+    assert warmup_cosine_factor(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine_factor(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine_factor(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine_factor(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(99, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+    stream = io.StringIO()
+    bar = ProgressBar(10, "train", stream=stream, log_interval=0.0)
+    bar.update(3, loss=1.5)
+    bar.close()
+    assert "3/10" in stream.getvalue() and "loss=1.5" in stream.getvalue()
+
+
+def test_timing_helpers():
+    assert trimmed_mean([100.0, 1.0, 2.0, 3.0, -50.0], trim=0.2) == pytest.approx(2.0)
+    assert measure_latency(lambda: sum(range(100)), warmup=1, runs=5) > 0
+    with pytest.raises(ValueError, match="trim"):
+        trimmed_mean([1.0], trim=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: two processes on CPU (gloo)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from mos_models.common import cleanup_distributed, init_distributed, wrap_ddp
+    info = init_distributed("cpu")
+    torch.manual_seed(0)  # identical initial weights
+    model = ToySupernet()
+    local = ToySupernet()
+    local.load_state_dict(model.state_dict())
+    ddp = wrap_ddp(model, info)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    x, y = torch.randn(4, 5, generator=gen), torch.randn(4, 2, generator=gen)
+    archs = sample_archs(ToySupernet.space, arch_rng(3, 1))
+    sandwich_step(ddp, archs, _toy_loss(x, y))
+    sandwich_step(local, archs, _toy_loss(x, y))
+    torch.save({"archs": archs, "ddp": {n: p.grad for n, p in model.named_parameters()},
+                "local": {n: p.grad for n, p in local.named_parameters()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    cleanup_distributed()
+
+
+def test_ddp_two_processes_average_the_sandwich_gradients(tmp_path):
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)),
+                                          nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["archs"] == r1["archs"]
+    for name, grad in r0["ddp"].items():
+        expected = (r0["local"][name] + r1["local"][name]) / 2
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r1["ddp"][name], expected, rtol=1e-5, atol=1e-6)
+    assert any((r0["local"][n] - r1["local"][n]).abs().sum() > 0 for n in r0["local"])
