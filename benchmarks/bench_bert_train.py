@@ -1,0 +1,165 @@
+"""Times one BERT supernet training step: standard supernet vs MoS naive vs MoS fused.
+
+A step is what ``python -m mos_models.bert train`` does per batch: a sandwich (largest,
+smallest and one random architecture, forward and backward each, gradients summed), gradient
+clipping, and an AdamW step. Providers:
+  standard   the weight-sharing supernet (FFN linears slice one weight)
+  mos-naive  MoS FFN linears through backend="reference" (the paper's loop over experts)
+  mos-fused  the same MoS model through backend="auto" (the fused kernels of the device)
+MoS naive and fused share one model (same weights), so they differ only in the op backend.
+Each repetition runs every provider once in a shuffled order; the table shows medians and the
+ratios. The random architecture is fixed, so every provider runs the same three sub-networks.
+
+    python benchmarks/bench_bert_train.py                                 # CPU, tiny preset
+    python benchmarks/bench_bert_train.py --device cuda --preset full     # GPU, bfloat16
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mos_kernels  # noqa: E402
+from mos_models.bert.data import NUM_SPECIAL, mask_tokens  # noqa: E402
+from mos_models.bert.model import BertSupernet  # noqa: E402
+from mos_models.bert.space import PRESETS, get_space  # noqa: E402
+from mos_models.bert.train import make_optimizer  # noqa: E402
+from mos_models.common import sandwich_step, set_backend  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Clock:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+
+def environment(device):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(os.path.abspath(__file__))
+                                ).stdout.strip()
+    except OSError:
+        commit = ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                     if line.startswith("model name")), platform.processor())
+    return dict(device=name, date=datetime.date.today().isoformat(), commit=commit,
+                torch=torch.__version__, threads=torch.get_num_threads(),
+                python=platform.python_version())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=None, choices=list(PRESETS),
+                    help="default tiny on CPU, full on CUDA")
+    ap.add_argument("--space", default="supershaper", choices=["supershaper", "homogeneous"])
+    ap.add_argument("--granularity", default="neuron", choices=["neuron", "layer"])
+    ap.add_argument("--experts", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per step (default: tiny's 32; 128 for full)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="default 4000 (tiny), 30522 (full)")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES),
+                    help="default float32 on CPU, bfloat16 on CUDA (parameters too)")
+    ap.add_argument("--reps", type=int, default=None, help="default 10 on CPU, 30 on CUDA")
+    ap.add_argument("--json", default=None,
+                    help="default benchmarks/results/bert_train_<device>.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    preset = args.preset or ("full" if cuda else "tiny")
+    settings = PRESETS[preset]
+    batch = args.batch_size or (settings.batch_size if preset == "tiny" else 128)
+    seq_len = args.seq_len or settings.seq_len
+    vocab = args.vocab_size or (4000 if preset == "tiny" else 30522)
+    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    reps = args.reps or (30 if cuda else 10)
+    space = get_space(args.space, preset)
+    clock = Clock(device)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(NUM_SPECIAL, vocab, (batch, seq_len), generator=g)
+    inputs, labels = (t.to(device) for t in mask_tokens(ids, vocab, g))
+    archs = [space.largest(), space.smallest(), space.sample(random.Random(0))]
+
+    def build(kind):
+        model = BertSupernet(space, vocab, seq_len, supernet=kind, num_experts=args.experts,
+                             dropout=0.0).to(device=device, dtype=dtype).train()
+        return model, make_optimizer(model, 1e-4, 0.01)
+
+    standard, mos = build("standard"), build(args.granularity)
+    providers = {"standard": (standard, "auto"), "mos-naive": (mos, "reference"),
+                 "mos-fused": (mos, "auto")}
+
+    def step(name):
+        (model, opt), backend = providers[name]
+        set_backend(model, backend)
+        opt.zero_grad(set_to_none=True)
+        sandwich_step(model, archs, lambda net, arch: net(inputs, labels))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    env = environment(device)
+    fused = mos_kernels.resolve_backend("auto", device)
+    print(f"# {env['device']} | {env['date']} | commit {env['commit']} | torch {env['torch']} | "
+          f"{env['threads']} threads | {dtype} | auto -> {fused}")
+    print(f"# {space.name} space ({preset}), {args.granularity}-wise MoS, m={args.experts}, "
+          f"batch {batch} x {seq_len} tokens, vocab {vocab}, sandwich of 3 archs + AdamW")
+    for name in providers:   # warm-up
+        step(name), step(name)
+    times = {name: [] for name in providers}
+    order = list(providers)
+    random.seed(0)
+    for _ in range(reps):
+        random.shuffle(order)
+        for name in order:
+            times[name].append(clock(lambda: step(name)))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    ratios = {"fused_over_standard": med["mos-fused"] / med["standard"],
+              "naive_over_standard": med["mos-naive"] / med["standard"],
+              "naive_over_fused": med["mos-naive"] / med["mos-fused"]}
+    params = {"standard": sum(p.numel() for p in standard[0].parameters()),
+              "mos": sum(p.numel() for p in mos[0].parameters())}
+    for name in providers:
+        print(f"{name:10} median {1e3 * med[name]:9.2f} ms  (min {1e3 * min(times[name]):.2f},"
+              f" max {1e3 * max(times[name]):.2f}, {reps} reps)")
+    print("  ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"bert_train_{device.type}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(environment=env, fused_backend=fused, dtype=str(dtype), preset=preset,
+                       space=space.name, granularity=args.granularity, experts=args.experts,
+                       batch=batch, seq_len=seq_len, vocab=vocab, reps=reps, params=params,
+                       median_s=med, times_s=times, ratios=ratios, command=" ".join(sys.argv)),
+                  f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""BERT for masked-language modelling: the supernet and the static model it exports.
+
+One forward implementation (``BertLayer``, ``BertMLM``) serves both. The supernet fills it with
+elastic modules (``mos_models.common``): ``ElasticLinear`` of kind "standard" (weight sharing:
+the first rows/columns of one weight) for the bottleneck, attention and head projections, and of
+the chosen supernet kind ("neuron", "layer" or "standard") for the two FFN linears, as in the
+paper (section 3.4); ``ElasticEmbedding``/``ElasticLayerNorm`` slice their leading features.
+``BertSupernet.export(arch)`` fills the same classes with plain nn.Linear/nn.Embedding/
+nn.LayerNorm copies of the active sub-network, MoS experts collapsed and routers dropped.
+
+A layer (post-LN, as BERT): with a bottleneck (SuperShaper's space) the layer reads the backbone
+stream x (width E), projects it down to its hidden size H, runs attention and FFN at width H
+and adds its up-projection back to the stream: x <- LN(x + up(layer(down(x)))). Without one
+(homogeneous space) the stream itself has width H. No token-type embeddings and no pooler: the
+model is pretrained by MLM only (no next-sentence task).
+"""
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mos_models.common import ElasticEmbedding, ElasticLayerNorm, ElasticLinear
+from .data import PAD
+from .space import Layout
+
+IGNORE = -100
+
+
+class BertLayer(nn.Module):
+    def __init__(self, down: Optional[nn.Module], q: nn.Module, k: nn.Module, v: nn.Module,
+                 o: nn.Module, ln_attn: nn.Module, ffn1: nn.Module, ffn2: nn.Module,
+                 ln_ffn: nn.Module, up: Optional[nn.Module], ln_out: Optional[nn.Module],
+                 heads: int, dropout: float):
+        super().__init__()
+        self.down, self.q, self.k, self.v, self.o = down, q, k, v, o
+        self.ln_attn, self.ffn1, self.ffn2, self.ln_ffn = ln_attn, ffn1, ffn2, ln_ffn
+        self.up, self.ln_out = up, ln_out
+        self.heads, self.dropout = heads, dropout
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, self.training)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        h = x if self.down is None else self.down(x)
+        b, t, width = h.shape
+
+        def split(y):
+            return y.view(b, t, self.heads, width // self.heads).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
+                                           attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        h = self.ln_attn(h + self._drop(self.o(a.transpose(1, 2).reshape(b, t, width))))
+        h = self.ln_ffn(h + self._drop(self.ffn2(F.gelu(self.ffn1(h)))))
+        if self.up is None:
+            return h
+        return self.ln_out(x + self._drop(self.up(h)))
+
+
+class BertMLM(nn.Module):
+    """Embeddings, ``depth`` layers, and the MLM head (dense, GELU, LN, decoder tied to the
+    token embedding). Calls: ``forward(ids)`` -> logits (B, T, V); ``forward(ids, labels)`` ->
+    mean cross-entropy over the positions whose label is not -100 (the head only runs there);
+    ``encode(ids)`` -> the last layer's states, for fine-tuning heads."""
+
+    def __init__(self, tok: nn.Module, pos: nn.Module, ln_emb: nn.Module,
+                 layers: Sequence[BertLayer], head_dense: nn.Module, head_ln: nn.Module,
+                 out_bias: Tensor, dropout: float):
+        super().__init__()
+        self.tok, self.pos, self.ln_emb = tok, pos, ln_emb
+        self.layers = nn.ModuleList(layers)
+        self.depth = len(self.layers)
+        self.head_dense, self.head_ln = head_dense, head_ln
+        self.out_bias = nn.Parameter(out_bias)
+        self.dropout = dropout
+
+    @property
+    def max_len(self) -> int:
+        return self.pos.num_embeddings
+
+    def encode(self, ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"BertMLM: ids must be an int64 (batch, seq) tensor, got "
+                             f"{ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"BertMLM: sequence length {ids.shape[1]} exceeds max_len "
+                             f"{self.max_len}")
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.ln_emb(self.tok(ids) + self.pos(positions))
+        x = F.dropout(x, self.dropout, self.training)
+        mask = None
+        if attention_mask is not None:   # (B, T), True/1 = a real token
+            mask = attention_mask.bool()[:, None, None, :]
+        for layer in self.layers[:self.depth]:
+            x = layer(x, mask)
+        return x
+
+    def _decoder_weight(self) -> Tensor:
+        width = getattr(self.tok, "active_dim", self.tok.embedding_dim)
+        return self.tok.weight[:, :width]
+
+    def head(self, h: Tensor) -> Tensor:
+        h = self.head_ln(F.gelu(self.head_dense(h)))
+        return F.linear(h, self._decoder_weight(), self.out_bias)
+
+    def forward(self, ids: Tensor, labels: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+        h = self.encode(ids, attention_mask)
+        if labels is None:
+            return self.head(h)
+        chosen = labels != IGNORE
+        return F.cross_entropy(self.head(h[chosen]), labels[chosen], reduction=reduction)
+
+    @staticmethod
+    def static(vocab_size: int, max_len: int, layout: Layout, bottleneck: bool,
+               dropout: float = 0.1) -> "BertMLM":
+        """A plain (static) BERT of the given layout, freshly initialised."""
+        e = layout.embed_dim
+        layers = []
+        for hidden, heads, ffn in layout.layers:
+            layers.append(BertLayer(
+                nn.Linear(e, hidden) if bottleneck else None,
+                *(nn.Linear(hidden, hidden) for _ in range(4)), nn.LayerNorm(hidden),
+                nn.Linear(hidden, ffn), nn.Linear(ffn, hidden), nn.LayerNorm(hidden),
+                nn.Linear(hidden, e) if bottleneck else None,
+                nn.LayerNorm(e) if bottleneck else None, heads, dropout))
+        model = BertMLM(nn.Embedding(vocab_size, e, padding_idx=PAD), nn.Embedding(max_len, e),
+                        nn.LayerNorm(e), layers, nn.Linear(e, e), nn.LayerNorm(e),
+                        torch.zeros(vocab_size), dropout)
+        model.apply(_bert_init)
+        return model
+
+
+def _bert_init(module: nn.Module) -> None:
+    """BERT's initialisation: weights N(0, 0.02), biases 0 (MoS: each expert alike)."""
+    if isinstance(module, (nn.Linear, ElasticLinear)):
+        if getattr(module, "mos", None) is not None:
+            nn.init.normal_(module.mos.experts, std=0.02)
+            if module.mos.bias is not None:
+                nn.init.zeros_(module.mos.bias)
+        else:
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
+def param_count(layout: Layout, vocab_size: int, max_len: int, bottleneck: bool) -> int:
+    """Parameters of the static model of ``layout`` (what ``export`` produces), embeddings and
+    MLM head included, the tied decoder counted once."""
+    e = layout.embed_dim
+    n = vocab_size * e + max_len * e + 2 * e          # embeddings + LN
+    n += e * e + e + 2 * e + vocab_size               # head dense, LN, output bias
+    for h, _, f in layout.layers:
+        n += 4 * (h * h + h) + 2 * h                  # attention + LN
+        n += h * f + f + f * h + h + 2 * h            # FFN + LN
+        if bottleneck:
+            n += e * h + h + h * e + e + 2 * e        # down, up, LN
+    return n
+
+
+class BertSupernet(BertMLM):
+    """The BERT supernet of a search space (``space.SuperShaperSpace``/``HomogeneousSpace``).
+
+    ``supernet``: "neuron" / "layer" (FFN linears are MoSLinear, neuron- or layer-wise) or
+    "standard" (plain weight sharing). ``set_arch(arch)`` selects a sub-network and feeds its
+    encoding to every FFN router; ``export(arch)`` returns the static BertMLM of that arch.
+    """
+
+    def __init__(self, space, vocab_size: int, max_len: int, supernet: str = "neuron",
+                 num_experts: int = 2, router_hidden: int = 128, dropout: float = 0.1,
+                 backend: str = "auto"):
+        d = space.max_dims()
+        e, hidden, ffn = d["embed_dim"], d["hidden"], d["ffn"]
+        arch_dim = space.arch_dim
+
+        def std(n_in, n_out):
+            return ElasticLinear(n_in, n_out, kind="standard", arch_dim=arch_dim)
+
+        def ffn_linear(n_in, n_out):
+            return ElasticLinear(n_in, n_out, kind=supernet, arch_dim=arch_dim,
+                                 num_experts=num_experts, router_hidden=router_hidden,
+                                 backend=backend)
+
+        bottleneck = space.bottleneck
+        layers = [BertLayer(std(e, hidden) if bottleneck else None,
+                            *(std(hidden, hidden) for _ in range(4)), ElasticLayerNorm(hidden),
+                            ffn_linear(hidden, ffn), ffn_linear(ffn, hidden),
+                            ElasticLayerNorm(hidden),
+                            std(hidden, e) if bottleneck else None,
+                            ElasticLayerNorm(e) if bottleneck else None, d["heads"], dropout)
+                  for _ in range(d["num_layers"])]
+        super().__init__(ElasticEmbedding(vocab_size, e, padding_idx=PAD),
+                         ElasticEmbedding(max_len, e), ElasticLayerNorm(e), layers,
+                         std(e, e), ElasticLayerNorm(e), torch.zeros(vocab_size), dropout)
+        self.space, self.supernet, self.vocab_size = space, supernet, vocab_size
+        for name, module in self.named_modules():
+            if ".router" not in name:   # routers keep nn.Linear's default initialisation
+                _bert_init(module)
+        self.arch = None
+        self.set_arch(space.largest())
+
+    def set_arch(self, arch) -> "BertSupernet":
+        layout = self.space.layout(arch)
+        encoding = torch.tensor(self.space.encode(arch), dtype=self.out_bias.dtype,
+                                device=self.out_bias.device)
+        e = layout.embed_dim
+        for m in (self.tok, self.pos, self.ln_emb, self.head_ln):
+            m.set_arch(e)
+        self.head_dense.set_arch(None, e, e)
+        self.depth = len(layout.layers)
+        for layer, (hidden, heads, ffn) in zip(self.layers, layout.layers):
+            layer.heads = heads
+            if layer.down is not None:
+                layer.down.set_arch(None, e, hidden)
+                layer.up.set_arch(None, hidden, e)
+                layer.ln_out.set_arch(e)
+            for proj in (layer.q, layer.k, layer.v, layer.o):
+                proj.set_arch(None, hidden, hidden)
+            layer.ln_attn.set_arch(hidden)
+            layer.ln_ffn.set_arch(hidden)
+            layer.ffn1.set_arch(encoding, hidden, ffn)
+            layer.ffn2.set_arch(encoding, ffn, hidden)
+        self.arch = self.space.validate(arch)
+        return self
+
+    def layout(self, arch=None) -> Layout:
+        return self.space.layout(self.arch if arch is None else arch)
+
+    def param_count(self, arch=None) -> int:
+        """Parameters of the static sub-network of ``arch`` (default: the active one)."""
+        return param_count(self.layout(arch), self.vocab_size, self.max_len,
+                           self.space.bottleneck)
+
+    @torch.no_grad()
+    def export(self, arch=None) -> BertMLM:
+        """The static BertMLM of ``arch`` (default: the active one): plain modules holding copies
+        of the active weights, MoS experts collapsed, no routers. Leaves the supernet set to
+        ``arch``. The copy starts in eval mode."""
+        if arch is not None:
+            self.set_arch(arch)
+        layers: List[BertLayer] = []
+        for layer in self.layers[:self.depth]:
+            def lin(m):
+                return None if m is None else m.to_linear()
+
+            def norm(m):
+                return None if m is None else m.to_layer_norm()
+
+            layers.append(BertLayer(lin(layer.down), lin(layer.q), lin(layer.k), lin(layer.v),
+                                    lin(layer.o), norm(layer.ln_attn), lin(layer.ffn1),
+                                    lin(layer.ffn2), norm(layer.ln_ffn), lin(layer.up),
+                                    norm(layer.ln_out), layer.heads, self.dropout))
+        model = BertMLM(self.tok.to_embedding(), self.pos.to_embedding(),
+                        self.ln_emb.to_layer_norm(), layers, self.head_dense.to_linear(),
+                        self.head_ln.to_layer_norm(), self.out_bias.detach().clone(),
+                        self.dropout)
+        return model.eval()
+
+
+def perplexity(loss_sum: float, count: int) -> float:
+    return math.exp(loss_sum / max(count, 1))
