@@ -149,11 +149,12 @@ def test_sampling_and_encodings(name, preset):
 # model and export
 
 @pytest.mark.parametrize("name", ["supershaper", "homogeneous"])
-@pytest.mark.parametrize("kind", ["neuron", "layer", "standard"])
-def test_export_matches_supernet(name, kind, tmp_path):
+@pytest.mark.parametrize("kind,pre_norm", [("neuron", False), ("layer", False),
+                                           ("standard", False), ("neuron", True)])
+def test_export_matches_supernet(name, kind, pre_norm, tmp_path):
     torch.manual_seed(0)
     space = MICRO[name]
-    model = BertSupernet(space, 97, 16, supernet=kind, router_hidden=16)
+    model = BertSupernet(space, 97, 16, supernet=kind, router_hidden=16, pre_norm=pre_norm)
     # move MoS routers off their initial point so the expert mix is not uniform
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -178,7 +179,7 @@ def test_export_matches_supernet(name, kind, tmp_path):
     # round trip through a directory, rebuilt from the layout alone
     info = save_exported(static, str(tmp_path), model.layout(), space.bottleneck)
     loaded, cfg = load_exported(str(tmp_path))
-    assert cfg["params"] == info["params"]
+    assert cfg["params"] == info["params"] and loaded.pre_norm == pre_norm
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, attention_mask=mask), got)
 

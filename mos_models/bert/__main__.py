@@ -38,10 +38,15 @@ def cmd_data(args):
 
 def cmd_train(args):
     from .train import RunConfig, train
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     cfg = RunConfig(data=args.data, preset=args.preset, space=args.space,
                     supernet=args.supernet, num_experts=args.experts,
                     router_hidden=args.router_hidden, sampling=args.sampling,
                     seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                    warmup_steps=args.warmup_steps, dropout=args.dropout,
+                    pre_norm={"pre": True, "post": False}[args.norm],
                     steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
                     backend=args.backend, checkpoint_minutes=args.checkpoint_minutes)
     train(cfg, args.out, resume=args.resume, device=args.device)
@@ -118,11 +123,17 @@ def main(argv=None):
     t.add_argument("--batch-size", type=int, default=0, help="per process; 0: the preset's")
     t.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
     t.add_argument("--lr", type=float, default=0.0, help="0: the preset's")
+    t.add_argument("--warmup-steps", type=int, default=-1, help="-1: the preset's")
+    t.add_argument("--dropout", type=float, default=-1.0, help="-1: the preset's")
+    t.add_argument("--norm", default="post", choices=["post", "pre"],
+                   help="LayerNorm after each sub-block (BERT) or before it")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton",
                                                          "cuda"])
     t.add_argument("--checkpoint-minutes", type=float, default=2.0)
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: torch's default)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="validation MLM perplexity")

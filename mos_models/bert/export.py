@@ -22,7 +22,7 @@ def save_exported(model: BertMLM, out_dir: str, layout: Layout, bottleneck: bool
     os.makedirs(out_dir, exist_ok=True)
     info = {"vocab_size": model.tok.num_embeddings, "max_len": model.max_len,
             "embed_dim": layout.embed_dim, "layers": [list(l) for l in layout.layers],
-            "bottleneck": bool(bottleneck), "dropout": model.dropout,
+            "bottleneck": bool(bottleneck), "pre_norm": model.pre_norm, "dropout": model.dropout,
             "params": sum(p.numel() for p in model.parameters()), **(extra or {})}
     save_checkpoint(model.state_dict(), os.path.join(out_dir, "model.pt"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -41,7 +41,7 @@ def load_exported(model_dir: str, device="cpu"):
         info = json.load(f)
     layout = Layout(info["embed_dim"], tuple(tuple(l) for l in info["layers"]))
     model = BertMLM.static(info["vocab_size"], info["max_len"], layout, info["bottleneck"],
-                           info["dropout"])
+                           info["dropout"], info.get("pre_norm", False))
     state = torch.load(os.path.join(model_dir, "model.pt"), map_location=device)
     model.load_state_dict(state)
     return model.to(device).eval(), info

@@ -8,11 +8,13 @@ paper (section 3.4); ``ElasticEmbedding``/``ElasticLayerNorm`` slice their leadi
 ``BertSupernet.export(arch)`` fills the same classes with plain nn.Linear/nn.Embedding/
 nn.LayerNorm copies of the active sub-network, MoS experts collapsed and routers dropped.
 
-A layer (post-LN, as BERT): with a bottleneck (SuperShaper's space) the layer reads the backbone
-stream x (width E), projects it down to its hidden size H, runs attention and FFN at width H
-and adds its up-projection back to the stream: x <- LN(x + up(layer(down(x)))). Without one
-(homogeneous space) the stream itself has width H. No token-type embeddings and no pooler: the
-model is pretrained by MLM only (no next-sentence task).
+A layer: with a bottleneck (SuperShaper's space) the layer reads the backbone stream x (width
+E), projects it down to its hidden size H, runs attention and FFN at width H and adds its
+up-projection back to the stream. Without one (homogeneous space) the stream itself has width
+H. Post-LN as BERT (the default): h <- LN(h + f(h)) for attention and FFN, and
+x <- LN(x + up(h)). Pre-LN (``pre_norm=True``): h <- h + f(LN(h)), x <- x + up(block(down(LN(x)))),
+and one LN after the last layer. No token-type embeddings and no pooler: the model is
+pretrained by MLM only (no next-sentence task).
 """
 import math
 from typing import List, Optional, Sequence
@@ -32,18 +34,17 @@ class BertLayer(nn.Module):
     def __init__(self, down: Optional[nn.Module], q: nn.Module, k: nn.Module, v: nn.Module,
                  o: nn.Module, ln_attn: nn.Module, ffn1: nn.Module, ffn2: nn.Module,
                  ln_ffn: nn.Module, up: Optional[nn.Module], ln_out: Optional[nn.Module],
-                 heads: int, dropout: float):
+                 heads: int, dropout: float, pre_norm: bool = False):
         super().__init__()
         self.down, self.q, self.k, self.v, self.o = down, q, k, v, o
         self.ln_attn, self.ffn1, self.ffn2, self.ln_ffn = ln_attn, ffn1, ffn2, ln_ffn
         self.up, self.ln_out = up, ln_out
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.pre_norm = heads, dropout, pre_norm
 
     def _drop(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.dropout, self.training)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        h = x if self.down is None else self.down(x)
+    def _attention(self, h: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
         b, t, width = h.shape
 
         def split(y):
@@ -52,11 +53,21 @@ class BertLayer(nn.Module):
         a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)),
                                            attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        h = self.ln_attn(h + self._drop(self.o(a.transpose(1, 2).reshape(b, t, width))))
-        h = self.ln_ffn(h + self._drop(self.ffn2(F.gelu(self.ffn1(h)))))
-        if self.up is None:
-            return h
-        return self.ln_out(x + self._drop(self.up(h)))
+        return self._drop(self.o(a.transpose(1, 2).reshape(b, t, width)))
+
+    def _ffn(self, h: Tensor) -> Tensor:
+        return self._drop(self.ffn2(F.gelu(self.ffn1(h))))
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        if self.pre_norm:   # x + up(block(down(LN(x)))), each sub-block h + f(LN(h))
+            h = x if self.down is None else self.down(self.ln_out(x))
+            h = h + self._attention(self.ln_attn(h), attn_mask)
+            h = h + self._ffn(self.ln_ffn(h))
+            return h if self.up is None else x + self._drop(self.up(h))
+        h = x if self.down is None else self.down(x)     # BERT's post-LN
+        h = self.ln_attn(h + self._attention(h, attn_mask))
+        h = self.ln_ffn(h + self._ffn(h))
+        return h if self.up is None else self.ln_out(x + self._drop(self.up(h)))
 
 
 class BertMLM(nn.Module):
@@ -67,10 +78,11 @@ class BertMLM(nn.Module):
 
     def __init__(self, tok: nn.Module, pos: nn.Module, ln_emb: nn.Module,
                  layers: Sequence[BertLayer], head_dense: nn.Module, head_ln: nn.Module,
-                 out_bias: Tensor, dropout: float):
+                 out_bias: Tensor, dropout: float, ln_final: Optional[nn.Module] = None):
         super().__init__()
         self.tok, self.pos, self.ln_emb = tok, pos, ln_emb
         self.layers = nn.ModuleList(layers)
+        self.ln_final = ln_final   # pre-LN models: LN of the last layer's output
         self.depth = len(self.layers)
         self.head_dense, self.head_ln = head_dense, head_ln
         self.out_bias = nn.Parameter(out_bias)
@@ -95,7 +107,7 @@ class BertMLM(nn.Module):
             mask = attention_mask.bool()[:, None, None, :]
         for layer in self.layers[:self.depth]:
             x = layer(x, mask)
-        return x
+        return x if self.ln_final is None else self.ln_final(x)
 
     def _decoder_weight(self) -> Tensor:
         width = getattr(self.tok, "active_dim", self.tok.embedding_dim)
@@ -113,9 +125,13 @@ class BertMLM(nn.Module):
         chosen = labels != IGNORE
         return F.cross_entropy(self.head(h[chosen]), labels[chosen], reduction=reduction)
 
+    @property
+    def pre_norm(self) -> bool:
+        return self.ln_final is not None
+
     @staticmethod
     def static(vocab_size: int, max_len: int, layout: Layout, bottleneck: bool,
-               dropout: float = 0.1) -> "BertMLM":
+               dropout: float = 0.1, pre_norm: bool = False) -> "BertMLM":
         """A plain (static) BERT of the given layout, freshly initialised."""
         e = layout.embed_dim
         layers = []
@@ -125,38 +141,35 @@ class BertMLM(nn.Module):
                 *(nn.Linear(hidden, hidden) for _ in range(4)), nn.LayerNorm(hidden),
                 nn.Linear(hidden, ffn), nn.Linear(ffn, hidden), nn.LayerNorm(hidden),
                 nn.Linear(hidden, e) if bottleneck else None,
-                nn.LayerNorm(e) if bottleneck else None, heads, dropout))
+                nn.LayerNorm(e) if bottleneck else None, heads, dropout, pre_norm))
         model = BertMLM(nn.Embedding(vocab_size, e, padding_idx=PAD), nn.Embedding(max_len, e),
                         nn.LayerNorm(e), layers, nn.Linear(e, e), nn.LayerNorm(e),
-                        torch.zeros(vocab_size), dropout)
+                        torch.zeros(vocab_size), dropout,
+                        nn.LayerNorm(e) if pre_norm else None)
         model.apply(_bert_init)
         return model
 
 
 def _bert_init(module: nn.Module) -> None:
-    """BERT's initialisation: weights N(0, 0.02), biases 0 (MoS: each expert alike)."""
-    if isinstance(module, (nn.Linear, ElasticLinear)):
-        if getattr(module, "mos", None) is not None:
-            nn.init.normal_(module.mos.experts, std=0.02)
-            if module.mos.bias is not None:
-                nn.init.zeros_(module.mos.bias)
-        else:
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
+    """Embeddings N(0, 0.02) as BERT (the padding row zero). Linear layers keep nn.Linear's
+    initialisation (each MoS expert alike): its std 1/sqrt(3 fan_in) is BERT's 0.02 at width
+    768 and keeps the same gain at the narrow widths of the CPU presets, where a fixed 0.02
+    shrinks the signal through every projection and stalls training at the unigram plateau."""
+    if isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
 
-def param_count(layout: Layout, vocab_size: int, max_len: int, bottleneck: bool) -> int:
+def param_count(layout: Layout, vocab_size: int, max_len: int, bottleneck: bool,
+                pre_norm: bool = False) -> int:
     """Parameters of the static model of ``layout`` (what ``export`` produces), embeddings and
     MLM head included, the tied decoder counted once."""
     e = layout.embed_dim
     n = vocab_size * e + max_len * e + 2 * e          # embeddings + LN
     n += e * e + e + 2 * e + vocab_size               # head dense, LN, output bias
+    n += 2 * e if pre_norm else 0                     # final LN
     for h, _, f in layout.layers:
         n += 4 * (h * h + h) + 2 * h                  # attention + LN
         n += h * f + f + f * h + h + 2 * h            # FFN + LN
@@ -175,7 +188,7 @@ class BertSupernet(BertMLM):
 
     def __init__(self, space, vocab_size: int, max_len: int, supernet: str = "neuron",
                  num_experts: int = 2, router_hidden: int = 128, dropout: float = 0.1,
-                 backend: str = "auto"):
+                 backend: str = "auto", pre_norm: bool = False):
         d = space.max_dims()
         e, hidden, ffn = d["embed_dim"], d["hidden"], d["ffn"]
         arch_dim = space.arch_dim
@@ -194,15 +207,15 @@ class BertSupernet(BertMLM):
                             ffn_linear(hidden, ffn), ffn_linear(ffn, hidden),
                             ElasticLayerNorm(hidden),
                             std(hidden, e) if bottleneck else None,
-                            ElasticLayerNorm(e) if bottleneck else None, d["heads"], dropout)
+                            ElasticLayerNorm(e) if bottleneck else None, d["heads"], dropout,
+                            pre_norm)
                   for _ in range(d["num_layers"])]
         super().__init__(ElasticEmbedding(vocab_size, e, padding_idx=PAD),
                          ElasticEmbedding(max_len, e), ElasticLayerNorm(e), layers,
-                         std(e, e), ElasticLayerNorm(e), torch.zeros(vocab_size), dropout)
+                         std(e, e), ElasticLayerNorm(e), torch.zeros(vocab_size), dropout,
+                         ElasticLayerNorm(e) if pre_norm else None)
         self.space, self.supernet, self.vocab_size = space, supernet, vocab_size
-        for name, module in self.named_modules():
-            if ".router" not in name:   # routers keep nn.Linear's default initialisation
-                _bert_init(module)
+        self.apply(_bert_init)
         self.arch = None
         self.set_arch(space.largest())
 
@@ -211,8 +224,9 @@ class BertSupernet(BertMLM):
         encoding = torch.tensor(self.space.encode(arch), dtype=self.out_bias.dtype,
                                 device=self.out_bias.device)
         e = layout.embed_dim
-        for m in (self.tok, self.pos, self.ln_emb, self.head_ln):
-            m.set_arch(e)
+        for m in (self.tok, self.pos, self.ln_emb, self.head_ln, self.ln_final):
+            if m is not None:
+                m.set_arch(e)
         self.head_dense.set_arch(None, e, e)
         self.depth = len(layout.layers)
         for layer, (hidden, heads, ffn) in zip(self.layers, layout.layers):
@@ -236,7 +250,7 @@ class BertSupernet(BertMLM):
     def param_count(self, arch=None) -> int:
         """Parameters of the static sub-network of ``arch`` (default: the active one)."""
         return param_count(self.layout(arch), self.vocab_size, self.max_len,
-                           self.space.bottleneck)
+                           self.space.bottleneck, self.pre_norm)
 
     @torch.no_grad()
     def export(self, arch=None) -> BertMLM:
@@ -256,11 +270,12 @@ class BertSupernet(BertMLM):
             layers.append(BertLayer(lin(layer.down), lin(layer.q), lin(layer.k), lin(layer.v),
                                     lin(layer.o), norm(layer.ln_attn), lin(layer.ffn1),
                                     lin(layer.ffn2), norm(layer.ln_ffn), lin(layer.up),
-                                    norm(layer.ln_out), layer.heads, self.dropout))
+                                    norm(layer.ln_out), layer.heads, self.dropout,
+                                    layer.pre_norm))
         model = BertMLM(self.tok.to_embedding(), self.pos.to_embedding(),
                         self.ln_emb.to_layer_norm(), layers, self.head_dense.to_linear(),
                         self.head_ln.to_layer_norm(), self.out_bias.detach().clone(),
-                        self.dropout)
+                        self.dropout, norm(self.ln_final))
         return model.eval()
 
 

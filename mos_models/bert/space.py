@@ -160,10 +160,12 @@ class TrainSettings:
     dropout: float
 
 
-# "full": the paper's (SuperShaper's) pretraining recipe. "tiny": sized for a 2-core CPU.
+# "full": the paper's (SuperShaper's) pretraining recipe. "tiny": sized for a 2-core CPU, where
+# a 10-minute run is limited by the tokens it can process (measured: at equal tokens batch 8, 16
+# and 32 reach the same perplexity; lr 3e-3 stalls; dropout only costs time), so no dropout.
 PRESETS = {
     "full": TrainSettings(seq_len=128, batch_size=2048, lr=5e-4, weight_decay=0.01,
                           warmup_steps=10_000, steps=125_000, dropout=0.1),
     "tiny": TrainSettings(seq_len=64, batch_size=32, lr=1e-3, weight_decay=0.01,
-                          warmup_steps=100, steps=2000, dropout=0.1),
+                          warmup_steps=100, steps=2000, dropout=0.0),
 }

@@ -41,6 +41,7 @@ class RunConfig:
     num_experts: int = 2
     router_hidden: int = 128
     sampling: str = "sandwich"
+    pre_norm: bool = False    # LN before each sub-block (and a final LN) instead of BERT's after
     seq_len: int = 0          # 0: the preset's
     batch_size: int = 0       # per process; 0: the preset's
     lr: float = 0.0           # 0: the preset's
@@ -74,7 +75,7 @@ def build_supernet(cfg: RunConfig) -> BertSupernet:
     return BertSupernet(space_from_dict(cfg.space_def), cfg.vocab_size, cfg.seq_len,
                         supernet=cfg.supernet, num_experts=cfg.num_experts,
                         router_hidden=cfg.router_hidden, dropout=cfg.dropout,
-                        backend=cfg.backend)
+                        backend=cfg.backend, pre_norm=cfg.pre_norm)
 
 
 def load_run(run_dir: str, device="cpu"):
@@ -206,12 +207,16 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
         return net(inputs, labels)
 
     bar = ProgressBar(cfg.steps, "train", enabled=info.is_main, initial=step)
-    start, last_save = time.monotonic() - elapsed, time.monotonic()
+    start, saved_at, first = time.monotonic() - elapsed, elapsed, step
     model.train()
     while step < (cfg.steps if stop_at is None else min(stop_at, cfg.steps)):
+        # every decision below uses rank 0's clock, so all ranks take the same branches
         elapsed = _shared_elapsed(time.monotonic() - start, info)
         if budget is not None and elapsed >= budget:
             break
+        if step > first and elapsed - saved_at >= 60 * cfg.checkpoint_minutes:
+            _save(out_dir, step, model, optimizer, elapsed, info)
+            saved_at = elapsed
         virtual = step if budget is None else max(step, int(cfg.steps * elapsed / budget))
         lr = cfg.lr * warmup_cosine_factor(virtual, cfg.warmup_steps, cfg.steps)
         for group in optimizer.param_groups:
@@ -228,11 +233,8 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
         optimizer.step()
         step += 1
         bar.update(1, loss=sum(losses) / len(losses), big=losses[0], lr=lr)
-        if time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes:
-            _save(out_dir, step, model, optimizer, time.monotonic() - start, info)
-            last_save = time.monotonic()
     bar.close()
-    elapsed = time.monotonic() - start
+    elapsed = _shared_elapsed(time.monotonic() - start, info)
     _save(out_dir, step, model, optimizer, elapsed, info)
     metrics = {}
     if info.is_main:
