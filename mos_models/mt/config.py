@@ -68,7 +68,7 @@ PRESETS: Dict[str, TrainPreset] = {
         SpaceConfig(embed_choices=(512, 640), encoder_layer_choices=(6,),
                     decoder_layer_choices=(1, 2, 3, 4, 5, 6), ffn_choices=(1024, 2048, 3072),
                     head_choices=(4, 8), qkv_dim=512, dropout=0.3),
-        max_tokens=4096, lr=5e-4, warmup_steps=4000, max_steps=40000, vocab_size=32000),
+        max_tokens=4096, lr=1e-3, warmup_steps=10000, max_steps=40000, vocab_size=32000),
     # The same structure, scaled down for a CPU.
     "small": TrainPreset(
         SpaceConfig(embed_choices=(192, 256), encoder_layer_choices=(4,),
@@ -79,7 +79,7 @@ PRESETS: Dict[str, TrainPreset] = {
         SpaceConfig(embed_choices=(64, 96), encoder_layer_choices=(3,),
                     decoder_layer_choices=(1, 2, 3), ffn_choices=(96, 192, 288),
                     head_choices=(2, 4), qkv_dim=96, dropout=0.0),
-        max_tokens=1536, lr=3e-3, warmup_steps=100, max_steps=3000, vocab_size=4000),
+        max_tokens=768, lr=4e-3, warmup_steps=50, max_steps=6000, vocab_size=4000),
     # For tests and smoke runs only: seconds per run, nothing learned.
     "micro": TrainPreset(
         SpaceConfig(embed_choices=(16, 24), encoder_layer_choices=(2,),
