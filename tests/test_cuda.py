@@ -29,11 +29,12 @@ def _bf16_needs_sm80(request):
         pytest.skip("bfloat16 needs sm_80 or newer")
 
 
+# tests/test_ops.py runs the default strategy (gemm) on every shape and configuration; the same
+# for the fused kernels:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, config", [(s, c) for i, s in enumerate(SHAPES)
-                                           for c in CONFIGS[i % 3::3]])
-def test_gemm_strategy_matches_reference(monkeypatch, shape, config, dtype):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", "gemm")
+@pytest.mark.parametrize("shape, config", list(itertools.product(SHAPES, CONFIGS)))
+def test_fused_strategy_matches_reference(monkeypatch, shape, config, dtype):
+    monkeypatch.setenv("MOS_CUDA_STRATEGY", "fused")
     check_backend("cuda", shape, config, dtype)
 
 
@@ -122,8 +123,10 @@ def test_weight_gradients_are_bit_identical(monkeypatch, strategy, dtype):
             assert torch.equal(a, b)
 
 
-def test_only_some_gradients(monkeypatch):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_only_some_gradients(monkeypatch, strategy):
     # Each subset of (dx, dexperts, dbeta, dbias) on its own, straight through the extension op.
+    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
     x, experts, beta, bias = [t.detach() for t in make_inputs(40, 24, 20, 32, 24, 3, False,
                                                               "expert", torch.float32)]
     dy = torch.randn(40, 20, device=x.device)
@@ -155,3 +158,11 @@ def test_bad_input_raises_clear_errors():
         op.backward(torch.randn(4, 6, device=x.device), x, experts, beta, bias, [True] * 4)
     with pytest.raises(RuntimeError, match=r"not supported"):
         op.forward(x.int(), experts.int(), beta.int(), None)
+
+
+def test_unknown_strategy_is_named(monkeypatch):
+    monkeypatch.setenv("MOS_CUDA_STRATEGY", "fastest")
+    x, experts, beta = [t.detach() for t in make_inputs(4, 6, 5, 8, 7, 2, False, "none",
+                                                        torch.float32)]
+    with pytest.raises(RuntimeError, match="MOS_CUDA_STRATEGY must be 'gemm' or 'fused'"):
+        torch.ops.mos_kernels_ext.forward(x, experts, beta, None)

@@ -2,12 +2,14 @@
 // csrc/mos_linear_cpu.cpp): checks, allocation, device guard, stream and dtype plumbing around the
 // launchers of mos_linear_kernels.h. Same semantics as the CPU kernels.
 //
-// Two strategies, chosen per call by the number of tokens (MOS_CUDA_STRATEGY=fused|gemm forces
-// one, for tests and benchmarks):
-//   fused: the one-pass kernels (W_a combined tile by tile on chip, never stored; G = dy^T x tiled
-//          with the expert-gradient epilogue);
+// Two strategies (MOS_CUDA_STRATEGY=fused|gemm picks one per call, for tests and benchmarks):
 //   gemm:  W_a combined once by a small kernel, then the vendor GEMM (cuBLAS through at::mm) for y
-//          and dx, and G = dy^T x by cuBLAS followed by the same epilogue kernel.
+//          and dx, and G = dy^T x by cuBLAS followed by the expert-gradient epilogue kernel;
+//   fused: the one-pass kernels (W_a combined tile by tile on chip, never stored; G = dy^T x tiled
+//          with the expert-gradient epilogue in the same kernel).
+// The default is gemm: on an H100 it was faster for every benchmark shape and token count (512 to
+// 16384; benchmarks/roofline.py --measure), the fused kernels being latency-bound (one stage of
+// register prefetch, one block per SM). Neither strategy stores an (m, N, K) temporary.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -24,9 +26,6 @@ namespace mos {
 namespace {
 
 using at::Tensor;
-
-// At and above this many tokens, "auto" combines W_a once and calls cuBLAS.
-constexpr int64_t kGemmMinTokens = 4096;
 
 struct Dims {
   int64_t tokens, n_out, n_in, m, n_max, k_max;
@@ -110,11 +109,12 @@ mos_cuda::Bias bias_of(const c10::optional<Tensor>& bias) {
   return {bias->data_ptr(), mos_cuda::BiasKind::kPerExpert, bias->stride(0), bias->stride(1)};
 }
 
-bool use_gemm(int64_t tokens) {
+bool use_gemm() {
   const char* forced = std::getenv("MOS_CUDA_STRATEGY");
-  if (forced != nullptr && std::strcmp(forced, "gemm") == 0) return true;
-  if (forced != nullptr && std::strcmp(forced, "fused") == 0) return false;
-  return tokens >= kGemmMinTokens;
+  if (forced == nullptr || std::strcmp(forced, "gemm") == 0) return true;
+  TORCH_CHECK(std::strcmp(forced, "fused") == 0,
+              "mos_linear (cuda): MOS_CUDA_STRATEGY must be 'gemm' or 'fused', got '", forced, "'");
+  return false;
 }
 
 // W_a (n_out, n_in) and, with a bias, b_a (n_out,), combined once.
@@ -136,7 +136,7 @@ Tensor forward_cuda(const Tensor& x, const Tensor& experts, const Tensor& beta,
   check_device_supports(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  if (d.tokens > 0 && use_gemm(d.tokens)) {
+  if (d.tokens > 0 && use_gemm()) {
     auto [weight, mixed_bias] = combined(experts, beta, bias, d, stream);
     return mixed_bias.defined() ? at::addmm(mixed_bias, x, weight.t()) : at::mm(x, weight.t());
   }
@@ -163,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const mos_cuda::DType dtype = dtype_of(x);
   const mos_cuda::Mixture mix = mixture_of(experts, beta, d);
-  const bool gemm = d.tokens > 0 && use_gemm(d.tokens);
+  const bool gemm = d.tokens > 0 && use_gemm();
   const bool want_bias = needs[3] && bias.has_value();
 
   // Gradients not asked for come back as distinct empty tensors (outputs of an op may not alias).

@@ -13,6 +13,12 @@
 // fp16 and bf16 run on tensor cores through WMMA (16x16x16 fragments, fp32 accumulation; bf16 from
 // sm_80 on), fp32 and fp64 on plain FMA tiles. Global loads are 16 bytes wide when a matrix has
 // unit stride along its last dimension and aligned rows, element by element otherwise.
+//
+// Speed: the main loops stage one tile ahead in registers and run one 256-thread block per SM
+// (about 170-240 registers a thread), so they are bound by load latency, not by the tensor cores:
+// on an H100 they ran 7x to 70x slower than a dense cuBLAS GEMM of the same slice. A multi-stage
+// shared-memory pipeline (cp.async from sm_80 on) is the next step; until then the binding uses
+// combine() + cuBLAS + weight_grad_from_product() by default.
 #include "mos_linear_kernels.h"
 
 #include <cuda_bf16.h>
@@ -78,7 +84,7 @@ template <typename T, bool = kTensorCores<T>> struct Tiles;
 template <typename T> struct Tiles<T, true> {    // 8 warps as 2 x 4, WMMA fragments
   enum : int { kThreads = 256, kVec = 8 };
   enum : int { kRows = 128, kCols = 128, kDepth = 32 };
-  enum : int { kGradRows = 64, kGradCols = 128, kGradDepth = 32 };
+  enum : int { kGradRows = 64, kGradCols = 128, kGradDepth = 64 };
 };
 template <typename T> struct Tiles<T, false> {   // 16 x 16 threads, 4 x 4 outputs each
   enum : int { kThreads = 256, kVec = 16 / static_cast<int>(sizeof(T)) };
@@ -109,14 +115,13 @@ struct ActivationTile {
       const int chunk = threadIdx.x + j * THREADS;
       const int64_t row = row0 + chunk / kChunksPerRow;
       const int64_t col = col0 + chunk % kChunksPerRow * VEC;
+      const T* src = data + row * a.row_stride + col * a.col_stride;
       if (vectorised && row < a.rows && col + VEC <= a.cols) {
-        regs[j] = *reinterpret_cast<const Pack<T, VEC>*>(data + row * a.row_stride + col);
+        regs[j] = *reinterpret_cast<const Pack<T, VEC>*>(src);
       } else {
+        const int valid = row < a.rows ? static_cast<int>(min(a.cols - col, int64_t{VEC})) : 0;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v)
-          regs[j].v[v] = row < a.rows && col + v < a.cols
-                             ? data[row * a.row_stride + (col + v) * a.col_stride]
-                             : zero<T>();
+        for (int v = 0; v < VEC; ++v) regs[j].v[v] = v < valid ? src[v * a.col_stride] : zero<T>();
       }
     }
   }
@@ -132,42 +137,86 @@ struct ActivationTile {
 };
 
 // A tile of W_a[o, k] = sum_i beta[o, i] E[i, o, k] (rows o, columns k), summed in the
-// accumulation type over the m expert tiles as they arrive, experts in order 0..m-1.
+// accumulation type over the m expert tiles, experts in order 0..m-1. fetch() only issues the
+// loads of the first kHeld experts; combine(), called after the block product, sums them and
+// loads the remaining experts two at a time, so the global loads overlap the tensor-core work
+// and at most ceil((m - kHeld) / 2) load round trips stay exposed.
 template <typename T, int ROWS, int COLS, int LD, int THREADS, int VEC>
 struct MixedWeightTile {
   static constexpr int kChunksPerRow = COLS / VEC;
   static constexpr int kPerThread = ROWS * kChunksPerRow / THREADS;
+  static constexpr int kHeld = 2;
   static_assert(COLS % VEC == 0 && ROWS * kChunksPerRow % THREADS == 0 && LD % VEC == 0,
                 "tile shape");
-  Pack<T, VEC> regs[kPerThread];
+  Pack<T, VEC> held[kHeld][kPerThread];
+  acc_t<T> held_beta[kHeld][kPerThread];
+  Pack<T, VEC> regs[kPerThread];  // the combined tile, in T
+
+  // beta[o, i] and E[i, o, k..k+VEC) for this thread's chunk j; zeros outside the active slice.
+  __device__ __forceinline__ static void load(const Mixture& mix, bool vectorised, int64_t o0,
+                                              int64_t k0, int64_t i, int j, acc_t<T>& weight,
+                                              Pack<T, VEC>& p) {
+    const int chunk = threadIdx.x + j * THREADS;
+    const int64_t o = o0 + chunk / kChunksPerRow, k = k0 + chunk % kChunksPerRow * VEC;
+    if (o >= mix.n_out) {
+      weight = 0;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) p.v[v] = zero<T>();
+      return;
+    }
+    const T* beta = static_cast<const T*>(mix.beta);
+    const T* e = static_cast<const T*>(mix.experts) + i * mix.expert_stride + o * mix.row_stride +
+                 k * mix.col_stride;
+    weight = to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]);
+    if (vectorised && k + VEC <= mix.n_in) {
+      p = *reinterpret_cast<const Pack<T, VEC>*>(e);
+    } else {
+      const int valid = static_cast<int>(max(int64_t{0}, min(mix.n_in - k, int64_t{VEC})));
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) p.v[v] = v < valid ? e[v * mix.col_stride] : zero<T>();
+    }
+  }
 
   __device__ __forceinline__ void fetch(const Mixture& mix, bool vectorised, int64_t o0,
                                         int64_t k0) {
-    const T* experts = static_cast<const T*>(mix.experts);
-    const T* beta = static_cast<const T*>(mix.beta);
+#pragma unroll
+    for (int h = 0; h < kHeld; ++h)
+      if (h < mix.m)
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j)
+          load(mix, vectorised, o0, k0, h, j, held_beta[h][j], held[h][j]);
+  }
+
+  __device__ __forceinline__ void combine(const Mixture& mix, bool vectorised, int64_t o0,
+                                          int64_t k0) {
     acc_t<T> sum[kPerThread][VEC];
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sum[j][v] = 0;
-    for (int64_t i = 0; i < mix.m; ++i) {
+#pragma unroll
+    for (int h = 0; h < kHeld; ++h)
+      if (h < mix.m)
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) sum[j][v] += held_beta[h][j] * to_acc(held[h][j].v[v]);
+    for (int64_t i = kHeld; i < mix.m; i += 2) {
+      const bool pair = i + 1 < mix.m;
+      acc_t<T> w0[kPerThread], w1[kPerThread];
+      Pack<T, VEC> p0[kPerThread], p1[kPerThread];
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
-        const int chunk = threadIdx.x + j * THREADS;
-        const int64_t o = o0 + chunk / kChunksPerRow, k = k0 + chunk % kChunksPerRow * VEC;
-        if (o >= mix.n_out) continue;
-        const acc_t<T> weight = to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]);
-        const T* e = experts + i * mix.expert_stride + o * mix.row_stride;
-        if (vectorised && k + VEC <= mix.n_in) {
-          const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(e + k);
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) sum[j][v] += weight * to_acc(p.v[v]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            if (k + v < mix.n_in) sum[j][v] += weight * to_acc(e[(k + v) * mix.col_stride]);
-        }
+        load(mix, vectorised, o0, k0, i, j, w0[j], p0[j]);
+        if (pair) load(mix, vectorised, o0, k0, i + 1, j, w1[j], p1[j]);
       }
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          sum[j][v] += w0[j] * to_acc(p0[j].v[v]);
+          if (pair) sum[j][v] += w1[j] * to_acc(p1[j].v[v]);
+        }
     }
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j)
@@ -365,22 +414,28 @@ __global__ void __launch_bounds__(256)
 
     ActivationTile<T, BM, BK, LDA, THREADS, VEC> act_tile;
     MixedWeightTile<T, W_ROWS, W_COLS, LDB, THREADS, VEC> weight_tile;
+    // The weight tile's first row o and column k for the step at depth d0.
+    auto weight_o0 = [&](int64_t d0) { return INPUT_GRAD ? d0 : col0; };
+    auto weight_k0 = [&](int64_t d0) { return INPUT_GRAD ? col0 : d0; };
     auto fetch = [&](int64_t d0) {
       act_tile.fetch(act, act_vectorised, row0, d0);
-      if constexpr (INPUT_GRAD)
-        weight_tile.fetch(mix, experts_vectorised, d0, col0);
-      else
-        weight_tile.fetch(mix, experts_vectorised, col0, d0);
+      weight_tile.fetch(mix, experts_vectorised, weight_o0(d0), weight_k0(d0));
+    };
+    auto combine = [&](int64_t d0) {
+      weight_tile.combine(mix, experts_vectorised, weight_o0(d0), weight_k0(d0));
     };
 
     Mma mma;
     fetch(0);
+    combine(0);
     for (int64_t d0 = 0; d0 < depth; d0 += BK) {
       act_tile.store(As);
       weight_tile.store(Bs);
       __syncthreads();
-      if (d0 + BK < depth) fetch(d0 + BK);
+      const bool more = d0 + BK < depth;
+      if (more) fetch(d0 + BK);  // loads in flight during the block product
       mma.mma(As, Bs);
+      if (more) combine(d0 + BK);
       __syncthreads();
     }
 
@@ -434,7 +489,7 @@ __device__ void expert_grad_epilogue(const acc_t<T>* C, const Mixture& mix, T* d
 // n_in tile also sum the columns of dy (row_sums, when not null) from the tiles they load.
 // Grid: x over tiles of n_in, y over tiles of n_out.
 template <typename T>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)  // two blocks per SM: 128 registers at most
     weight_grad_kernel(Matrix dy, Matrix x, Mixture mix, T* d_experts, acc_t<T>* partials,
                        acc_t<T>* row_sums, bool dy_vectorised, bool x_vectorised, bool want_beta) {
   if constexpr (!kCompiled<T>) {
@@ -455,7 +510,12 @@ __global__ void __launch_bounds__(256)
     const int64_t o0 = static_cast<int64_t>(blockIdx.y) * BM;
     const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BN;
     const int64_t tokens = x.rows;
+    // Blocks of the first n_in tile sum dy's columns: THREADS / BM threads per column, each over
+    // every (THREADS / BM)-th row of the tiles, added in a fixed order at the end.
     const bool sums = row_sums != nullptr && blockIdx.x == 0;
+    constexpr int kSumSplit = THREADS / BM;
+    static_assert(THREADS % BM == 0, "column sums");
+    __shared__ acc_t<T> sum_parts[THREADS];
 
     ActivationTile<T, BK, BM, LDA, THREADS, VEC> dy_tile;  // rows t, columns o
     ActivationTile<T, BK, BN, LDB, THREADS, VEC> x_tile;   // rows t, columns k
@@ -473,13 +533,21 @@ __global__ void __launch_bounds__(256)
         dy_tile.fetch(dy, dy_vectorised, t0 + BK, o0);
         x_tile.fetch(x, x_vectorised, t0 + BK, k0);
       }
-      if (sums && threadIdx.x < BM)
-        for (int r = 0; r < BK; ++r) column_sum += to_acc(As[r * LDA + threadIdx.x]);
+      if (sums)
+        for (int r = threadIdx.x / BM; r < BK; r += kSumSplit)
+          column_sum += to_acc(As[r * LDA + threadIdx.x % BM]);
       mma.mma(As, Bs);
       __syncthreads();
     }
-    if (sums && threadIdx.x < BM && o0 + threadIdx.x < mix.n_out)
-      row_sums[o0 + threadIdx.x] = column_sum;
+    if (sums) {  // the same for the whole block
+      sum_parts[threadIdx.x] = column_sum;
+      __syncthreads();
+      if (threadIdx.x < BM && o0 + threadIdx.x < mix.n_out) {
+        acc_t<T> total = 0;
+        for (int part = 0; part < kSumSplit; ++part) total += sum_parts[part * BM + threadIdx.x];
+        row_sums[o0 + threadIdx.x] = total;
+      }
+    }
     if (d_experts == nullptr && !want_beta) return;
 
     acc_t<T>* C = reinterpret_cast<acc_t<T>*>(smem);
@@ -513,22 +581,22 @@ __global__ void __launch_bounds__(256)
                                                 blockIdx.x);
 }
 
-// sums[c] = sum_t a[t, c], rows in a fixed order: 8 interleaved partial sums per column, added
-// in order. Block (32, 8), grid x over tiles of 32 columns.
+// sums[c] = sum_t a[t, c], rows in a fixed order: 32 interleaved partial sums per column, added
+// in order. Block (32, 32), grid x over tiles of 32 columns.
 template <typename T>
 __global__ void column_sums_kernel(Matrix a, acc_t<T>* sums) {
-  __shared__ acc_t<T> partial[8][32];
+  __shared__ acc_t<T> partial[32][33];
   const T* data = static_cast<const T*>(a.data);
   const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   acc_t<T> total = 0;
   if (col < a.cols)
-    for (int64_t t = threadIdx.y; t < a.rows; t += 8)
+    for (int64_t t = threadIdx.y; t < a.rows; t += 32)
       total += to_acc(data[t * a.row_stride + col * a.col_stride]);
   partial[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.y == 0 && col < a.cols) {
     total = 0;
-    for (int j = 0; j < 8; ++j) total += partial[j][threadIdx.x];
+    for (int j = 0; j < 32; ++j) total += partial[j][threadIdx.x];
     sums[col] = total;
   }
 }
@@ -680,7 +748,7 @@ cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias&
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
   if (want_sums && !(want_product && product_sums_rows)) {
-    column_sums_kernel<T><<<static_cast<unsigned>(ceil_div(dy.cols, 32)), dim3(32, 8), 0, stream>>>(
+    column_sums_kernel<T><<<static_cast<unsigned>(ceil_div(dy.cols, 32)), dim3(32, 32), 0, stream>>>(
         dy, row_sums);
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
