@@ -16,7 +16,7 @@
 //
 // Speed: the main loops stage one tile ahead in registers and run one 256-thread block per SM
 // (about 170-240 registers a thread), so they are bound by load latency, not by the tensor cores:
-// on an H100 they ran 7x to 70x slower than a dense cuBLAS GEMM of the same slice. A multi-stage
+// on an H100 they ran 3x to 70x slower than a dense cuBLAS GEMM of the same slice. A multi-stage
 // shared-memory pipeline (cp.async from sm_80 on) is the next step; until then the binding uses
 // combine() + cuBLAS + weight_grad_from_product() by default.
 #include "mos_linear_kernels.h"
