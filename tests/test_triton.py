@@ -170,3 +170,22 @@ def test_unsupported_dtype_and_device_are_named():
         triton_backend.forward(*fp8, None)
     assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"))
     assert triton_backend.unavailable_reason(DEVICE) is None
+
+
+def test_config_pruning():
+    """Small problems take the first config untimed; large ones drop the configs whose
+    pipelined tiles overflow shared memory, and at least one config always stays."""
+    configs = triton_backend._GEMM_CONFIGS
+    prune = triton_backend._pruner(triton_backend._gemm_tiles)
+    experts32 = torch.empty(0, dtype=torch.float32)
+    small = dict(T_KEY=64, N_KEY=64, K_KEY=64, E=experts32)
+    assert prune(configs, small, M=2) == configs[:1]
+    large = dict(T_KEY=8192, N_KEY=4096, K_KEY=1024, E=experts32)
+    budget = triton_backend._shared_memory_budget()
+    for m in (1, 2, 6, 64):
+        kept = prune(configs, large, M=m)
+        assert kept and all(c in configs for c in kept)
+        fits = [c for c in configs
+                if c.num_stages * triton_backend._gemm_tiles(c.kwargs, m) * 4 <= budget]
+        assert kept == (fits or configs[:1])
+    assert len(prune(configs, large, M=1)) > 1

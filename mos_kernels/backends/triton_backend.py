@@ -104,15 +104,17 @@ if triton is not None:
         size = tl.minimum(n_r - first, GROUP)
         return first + (pid % per_group) % size, (pid % per_group) // size
 
-    @triton.jit
+    # Sizes used only as autotuning keys, the token count and the bias kind are not specialised
+    # on: fewer compiled variants, for the same machine code.
+    @triton.jit(do_not_specialize=["T", "bias_kind", "T_KEY", "N_KEY", "K_KEY"])
     def _forward_kernel(X, E, Beta, Bias, Y, T, n_out, n_in,
                         stride_xt, stride_xk, stride_e0, stride_e1, stride_e2,
-                        stride_bo, stride_bi, stride_bias0, stride_bias1, stride_yt,
-                        T_KEY, N_KEY, K_KEY, M: tl.constexpr, BIAS_KIND: tl.constexpr,
+                        stride_bo, stride_bi, stride_bias0, stride_bias1, stride_yt, bias_kind,
+                        T_KEY, N_KEY, K_KEY, M: tl.constexpr,
                         ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP: tl.constexpr):
-        """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o]; BIAS_KIND 0 none, 1 shared, 2 per expert."""
+        """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o]; bias_kind 0 none, 1 shared, 2 per expert."""
         pid_t, pid_n = _grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -133,15 +135,15 @@ if triton is not None:
             w_t = _mixed(e_cols + ks64[:, None] * stride_e2, stride_e0, beta_cols, stride_bi,
                          k_ok[:, None] & col_ok[None, :], col_ok[None, :], M, ACC)  # (K, N)
             acc = tl.dot(x.to(DOT), w_t.to(DOT), acc, input_precision=PRECISION)
-        if BIAS_KIND == 1:
+        if bias_kind == 1:
             acc += tl.load(Bias + cols64 * stride_bias1, mask=col_ok, other=0.0).to(ACC)[None, :]
-        if BIAS_KIND == 2:
+        if bias_kind == 2:
             acc += _mixed(Bias + cols64 * stride_bias1, stride_bias0, Beta + cols64 * stride_bo,
                           stride_bi, col_ok, col_ok, M, ACC)[None, :]
         tl.store(Y + rows64[:, None] * stride_yt + cols64[None, :],
                  acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "T_KEY", "N_KEY", "K_KEY"])
     def _grad_input_kernel(DY, E, Beta, DX, T, n_out, n_in,
                            stride_dyt, stride_dyo, stride_e0, stride_e1, stride_e2,
                            stride_bo, stride_bi, stride_dxt,
@@ -172,7 +174,7 @@ if triton is not None:
         tl.store(DX + rows64[:, None] * stride_dxt + ks64[None, :], acc.to(DX.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "T_KEY", "N_KEY", "K_KEY"])
     def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, T, n_out, n_in, N_max, K_max,
                             stride_dyt, stride_dyo, stride_xt, stride_xk, stride_go, stride_gk,
                             stride_e0, stride_e1, stride_e2, stride_bo, stride_bi, stride_de0,
@@ -270,7 +272,7 @@ if triton is not None:
             if BIAS_KIND == 1:
                 tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N_KEY", "K_KEY"])
     def _combine_kernel(E, Beta, Bias, W, MixedBias, n_out, n_in,
                         stride_e0, stride_e1, stride_e2, stride_bo, stride_bi,
                         stride_bias0, stride_bias1, N_KEY, K_KEY, M: tl.constexpr,
@@ -299,24 +301,25 @@ if triton is not None:
     def _config(num_warps, num_stages, **blocks):
         return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
-    # (token, output, reduction) tiles for the forward and dx GEMMs.
+    # (token, output, reduction) tiles for the forward and dx GEMMs; the first is the one used
+    # for small problems.
     _GEMM_CONFIGS = [
+        _config(4, 4, BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=128, BLOCK_N=64, BLOCK_K=32, GROUP=8),
         _config(4, 4, BLOCK_T=64, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(4, 3, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP=8),
-        _config(4, 4, BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(4, 2, BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP=8),
     ]
     # (output, input) tiles of G with a token step; BLOCK_K sets how many dbeta partials exist.
     _WGRAD_CONFIGS = [
+        _config(4, 4, BLOCK_N=64, BLOCK_K=64, BLOCK_T=32),
         _config(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_T=32),
         _config(4, 4, BLOCK_N=128, BLOCK_K=64, BLOCK_T=32),
         _config(4, 4, BLOCK_N=64, BLOCK_K=128, BLOCK_T=32),
         _config(4, 3, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64),
-        _config(4, 4, BLOCK_N=64, BLOCK_K=64, BLOCK_T=32),
         _config(4, 2, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32),
     ]
     _COMBINE_CONFIGS = [
@@ -325,6 +328,9 @@ if triton is not None:
         _config(8, 1, BLOCK_N=64, BLOCK_K=128),
     ]
     _MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _WGRAD_CONFIGS)
+    # Problems of at most this many multiply-adds (bucketed sizes) take the first config
+    # untimed: they are launch-bound, and tuning them would cost more than it saves.
+    _SMALL_PROBLEM = 2**21
     # Under the interpreter: one config, tiles of 32 (its cost grows with the number of programs).
     _INTERPRETER_TILES = dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32)
 
@@ -335,19 +341,20 @@ if triton is not None:
         except Exception:  # noqa: BLE001
             return 99 * 1024  # sm_86/sm_89, the smallest of the sm_80+ parts
 
-    def _prune_by_shared_memory(tile_bytes):
-        """Drop configs whose pipelined tiles cannot fit in shared memory (the compiler would
-        reject them anyway, after spending the compile time); always keep the smallest."""
+    def _pruner(tile_elements):
+        """The first config for small problems; else drop the configs whose pipelined tiles
+        cannot fit in shared memory (the compiler would reject them, after compiling)."""
         def prune(configs, named_args, **kwargs):
+            if named_args["T_KEY"] * named_args["N_KEY"] * named_args["K_KEY"] <= _SMALL_PROBLEM:
+                return configs[:1]
             budget = _shared_memory_budget()
             size = named_args["E"].element_size()
-            m = kwargs.get("M", named_args.get("M"))
-            need = lambda c: c.num_stages * tile_bytes(c.kwargs, m) * size  # noqa: E731
-            fits = [c for c in configs if need(c) <= budget]
-            return fits or [min(configs, key=need)]
+            m = kwargs["M"]
+            need = lambda c: c.num_stages * tile_elements(c.kwargs, m) * size  # noqa: E731
+            return [c for c in configs if need(c) <= budget] or configs[:1]
         return prune
 
-    def _gemm_tiles(c, m):  # an input tile and m expert tiles per stage
+    def _gemm_tiles(c, m):  # an input tile, m expert tiles and the combined tile per stage
         return c["BLOCK_T"] * c["BLOCK_K"] + (m + 1) * c["BLOCK_N"] * c["BLOCK_K"]
 
     def _wgrad_tiles(c, m):
@@ -356,17 +363,14 @@ if triton is not None:
     if not _INTERPRETED:
         _gemm_key = ["T_KEY", "N_KEY", "K_KEY", "M", "PRECISION"]
         _forward_kernel = triton.autotune(
-            _GEMM_CONFIGS, key=_gemm_key + ["BIAS_KIND"],
-            prune_configs_by={"early_config_prune": _prune_by_shared_memory(_gemm_tiles)},
-        )(_forward_kernel)
+            _GEMM_CONFIGS, key=_gemm_key,
+            prune_configs_by={"early_config_prune": _pruner(_gemm_tiles)})(_forward_kernel)
         _grad_input_kernel = triton.autotune(
             _GEMM_CONFIGS, key=_gemm_key,
-            prune_configs_by={"early_config_prune": _prune_by_shared_memory(_gemm_tiles)},
-        )(_grad_input_kernel)
+            prune_configs_by={"early_config_prune": _pruner(_gemm_tiles)})(_grad_input_kernel)
         _weight_grad_kernel = triton.autotune(
             _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G", "WANT_DE", "WANT_PARTS", "WANT_S"],
-            prune_configs_by={"early_config_prune": _prune_by_shared_memory(_wgrad_tiles)},
-        )(_weight_grad_kernel)
+            prune_configs_by={"early_config_prune": _pruner(_wgrad_tiles)})(_weight_grad_kernel)
         _combine_kernel = triton.autotune(_COMBINE_CONFIGS,
                                           key=["N_KEY", "K_KEY", "M"])(_combine_kernel)
 
@@ -481,8 +485,8 @@ def forward(x, experts, beta, bias):
                              * triton.cdiv(d.n_out, meta["BLOCK_N"]),)
         _forward_kernel[grid](
             x, experts, beta, bias_ptr, y, d.tokens, d.n_out, d.n_in, *x.stride(),
-            *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0),
-            _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m, BIAS_KIND=bias_kind, ACC=d.acc,
+            *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0), bias_kind,
+            _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m, ACC=d.acc,
             DOT=d.dot, PRECISION=d.precision, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"),
             **({"GROUP": 8} if _INTERPRETED else {}))
         return y
