@@ -21,7 +21,7 @@ rounded to the input dtype for the tensor-core dot. fp64 inputs use fp64 through
 follow torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot products, as
 cuBLAS does), so both strategies round alike; with TF32 allowed both use TF32 tensor cores.
 """
-import math
+import contextlib
 import os
 
 import torch
@@ -304,6 +304,7 @@ if triton is not None:
     # (token, output, reduction) tiles for the forward and dx GEMMs; the first is the one used
     # for small problems.
     _GEMM_CONFIGS = [
+        _config(4, 3, BLOCK_T=32, BLOCK_N=64, BLOCK_K=32, GROUP=8),
         _config(4, 4, BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, GROUP=8),
@@ -313,12 +314,14 @@ if triton is not None:
         _config(4, 4, BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP=8),
         _config(4, 2, BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP=8),
     ]
-    # (output, input) tiles of G with a token step; BLOCK_K sets how many dbeta partials exist.
+    # (output, input) tiles of G with a token step; the first is the one used for small problems.
+    # BLOCK_K also sets how many dbeta partials there are.
     _WGRAD_CONFIGS = [
         _config(4, 4, BLOCK_N=64, BLOCK_K=64, BLOCK_T=32),
-        _config(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_T=32),
-        _config(4, 4, BLOCK_N=128, BLOCK_K=64, BLOCK_T=32),
-        _config(4, 4, BLOCK_N=64, BLOCK_K=128, BLOCK_T=32),
+        _config(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_T=64),
+        _config(8, 4, BLOCK_N=128, BLOCK_K=128, BLOCK_T=32),
+        _config(4, 3, BLOCK_N=128, BLOCK_K=64, BLOCK_T=64),
+        _config(4, 3, BLOCK_N=64, BLOCK_K=128, BLOCK_T=64),
         _config(4, 3, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64),
         _config(4, 2, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32),
     ]
@@ -330,7 +333,7 @@ if triton is not None:
     _MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _WGRAD_CONFIGS)
     # Problems of at most this many multiply-adds (bucketed sizes) take the first config
     # untimed: they are launch-bound, and tuning them would cost more than it saves.
-    _SMALL_PROBLEM = 2**21
+    _SMALL_PROBLEM = 2**24
     # Under the interpreter: one config, tiles of 32 (its cost grows with the number of programs).
     _INTERPRETER_TILES = dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32)
 
@@ -341,36 +344,42 @@ if triton is not None:
         except Exception:  # noqa: BLE001
             return 99 * 1024  # sm_86/sm_89, the smallest of the sm_80+ parts
 
-    def _pruner(tile_elements):
-        """The first config for small problems; else drop the configs whose pipelined tiles
-        cannot fit in shared memory (the compiler would reject them, after compiling)."""
+    def _pruner(shared_elements):
+        """Drop the configs whose tiles cannot fit in shared memory (the compiler would reject
+        them, after compiling); small problems then take the first config that fits, untimed."""
         def prune(configs, named_args, **kwargs):
-            if named_args["T_KEY"] * named_args["N_KEY"] * named_args["K_KEY"] <= _SMALL_PROBLEM:
-                return configs[:1]
             budget = _shared_memory_budget()
             size = named_args["E"].element_size()
             m = kwargs["M"]
-            need = lambda c: c.num_stages * tile_elements(c.kwargs, m) * size  # noqa: E731
-            return [c for c in configs if need(c) <= budget] or configs[:1]
+            need = lambda c: shared_elements(c.kwargs, c.num_stages, m) * size  # noqa: E731
+            fits = [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
+            if named_args["T_KEY"] * named_args["N_KEY"] * named_args["K_KEY"] <= _SMALL_PROBLEM:
+                return fits[:1]
+            return fits
         return prune
 
-    def _gemm_tiles(c, m):  # an input tile, m expert tiles and the combined tile per stage
-        return c["BLOCK_T"] * c["BLOCK_K"] + (m + 1) * c["BLOCK_N"] * c["BLOCK_K"]
+    # Elements of shared memory a config takes (an upper bound of what Triton 3.6 allocated on
+    # an H100): num_stages - 1 pipeline buffers of the loop's loads, plus the tiles that go
+    # through shared memory on the way to the dot (the combined weight) or to the stores.
+    def _gemm_shared(c, stages, m):
+        per_stage = c["BLOCK_T"] * c["BLOCK_K"] + m * c["BLOCK_N"] * c["BLOCK_K"]
+        return (stages - 1) * per_stage + c["BLOCK_T"] * c["BLOCK_K"] + c["BLOCK_N"] * c["BLOCK_K"]
 
-    def _wgrad_tiles(c, m):
-        return c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_K"]) + c["BLOCK_N"] * c["BLOCK_K"]
+    def _wgrad_shared(c, stages, m):
+        per_stage = c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_K"])
+        return (stages - 1) * per_stage + 2 * c["BLOCK_N"] * c["BLOCK_K"]  # + fp32 G tile
 
     if not _INTERPRETED:
         _gemm_key = ["T_KEY", "N_KEY", "K_KEY", "M", "PRECISION"]
         _forward_kernel = triton.autotune(
             _GEMM_CONFIGS, key=_gemm_key,
-            prune_configs_by={"early_config_prune": _pruner(_gemm_tiles)})(_forward_kernel)
+            prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_forward_kernel)
         _grad_input_kernel = triton.autotune(
             _GEMM_CONFIGS, key=_gemm_key,
-            prune_configs_by={"early_config_prune": _pruner(_gemm_tiles)})(_grad_input_kernel)
+            prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_grad_input_kernel)
         _weight_grad_kernel = triton.autotune(
             _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G", "WANT_DE", "WANT_PARTS", "WANT_S"],
-            prune_configs_by={"early_config_prune": _pruner(_wgrad_tiles)})(_weight_grad_kernel)
+            prune_configs_by={"early_config_prune": _pruner(_wgrad_shared)})(_weight_grad_kernel)
         _combine_kernel = triton.autotune(_COMBINE_CONFIGS,
                                           key=["N_KEY", "K_KEY", "M"])(_combine_kernel)
 
@@ -444,15 +453,10 @@ class _Dims:
 
 
 def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _NoDevice()
-
-
-class _NoDevice:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _combine(experts, beta, bias, d):
