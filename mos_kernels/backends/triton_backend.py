@@ -104,9 +104,14 @@ if triton is not None:
         size = tl.minimum(n_r - first, GROUP)
         return first + (pid % per_group) % size, (pid % per_group) // size
 
-    # Sizes used only as autotuning keys, the token count and the bias kind are not specialised
-    # on: fewer compiled variants, for the same machine code.
-    @triton.jit(do_not_specialize=["T", "bias_kind", "T_KEY", "N_KEY", "K_KEY"])
+    # Arguments that do not shape the hot loop's memory accesses are not specialised on (Triton
+    # would otherwise compile a variant per divisibility-by-16 or == 1 of each): the autotuning
+    # keys, the token count (masks across rows only), beta's and the bias' strides (a handful of
+    # scalar-per-row loads), the bias kind. Far fewer compiles for the same machine code.
+    _SMALL_LOADS = ["stride_bo", "stride_bi", "stride_bias0", "stride_bias1"]
+    _KEYS = ["T_KEY", "N_KEY", "K_KEY"]
+
+    @triton.jit(do_not_specialize=["T", "bias_kind"] + _SMALL_LOADS + _KEYS)
     def _forward_kernel(X, E, Beta, Bias, Y, T, n_out, n_in,
                         stride_xt, stride_xk, stride_e0, stride_e1, stride_e2,
                         stride_bo, stride_bi, stride_bias0, stride_bias1, stride_yt, bias_kind,
@@ -143,7 +148,7 @@ if triton is not None:
         tl.store(Y + rows64[:, None] * stride_yt + cols64[None, :],
                  acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit(do_not_specialize=["T", "T_KEY", "N_KEY", "K_KEY"])
+    @triton.jit(do_not_specialize=["T", "stride_bo", "stride_bi"] + _KEYS)
     def _grad_input_kernel(DY, E, Beta, DX, T, n_out, n_in,
                            stride_dyt, stride_dyo, stride_e0, stride_e1, stride_e2,
                            stride_bo, stride_bi, stride_dxt,
@@ -174,7 +179,7 @@ if triton is not None:
         tl.store(DX + rows64[:, None] * stride_dxt + ks64[None, :], acc.to(DX.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
 
-    @triton.jit(do_not_specialize=["T", "T_KEY", "N_KEY", "K_KEY"])
+    @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _KEYS)
     def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, T, n_out, n_in, N_max, K_max,
                             stride_dyt, stride_dyo, stride_xt, stride_xk, stride_go, stride_gk,
                             stride_e0, stride_e1, stride_e2, stride_bo, stride_bi, stride_de0,
@@ -238,7 +243,7 @@ if triton is not None:
                     e_ptrs += stride_e0
                     part_ptrs += 1
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_parts", "n_out", "N_max"] + _SMALL_LOADS)
     def _beta_bias_grad_kernel(Parts, S, Beta, Bias, DBeta, DBias, n_parts, n_out, N_max,
                                stride_bo, stride_bi, stride_bias0, stride_bias1,
                                M: tl.constexpr, ACC: tl.constexpr, BIAS_KIND: tl.constexpr,
@@ -272,7 +277,7 @@ if triton is not None:
             if BIAS_KIND == 1:
                 tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
 
-    @triton.jit(do_not_specialize=["N_KEY", "K_KEY"])
+    @triton.jit(do_not_specialize=_SMALL_LOADS + ["N_KEY", "K_KEY"])
     def _combine_kernel(E, Beta, Bias, W, MixedBias, n_out, n_in,
                         stride_e0, stride_e1, stride_e2, stride_bo, stride_bi,
                         stride_bias0, stride_bias1, N_KEY, K_KEY, M: tl.constexpr,
@@ -394,19 +399,21 @@ def _tiles(*names):
 
 def _key(n):
     """Autotuning key of a size: its power-of-two bucket, so that nearby shapes share a config."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _acc_type(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call from the host
+    return -(-a // b)
 
 
-def _dot_type(dtype):
-    """Operand type of tl.dot: the input's. The interpreter multiplies bf16 as raw integers
+def _types(dtype):
+    """(accumulator, tl.dot operand) types. The interpreter multiplies bf16 as raw integers
     (triton 3.9), so there bf16 operands go in as fp32: the same exact products."""
-    if dtype == torch.bfloat16:
-        return tl.float32 if _INTERPRETED else tl.bfloat16
-    return {torch.float16: tl.float16, torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+    if dtype == torch.float64:
+        return tl.float64, tl.float64
+    dot = {torch.float16: tl.float16, torch.float32: tl.float32,
+           torch.bfloat16: tl.float32 if _INTERPRETED else tl.bfloat16}[dtype]
+    return tl.float32, dot
 
 
 def _tf32_allowed():
@@ -431,10 +438,10 @@ def _bias_args(bias, beta):
 
 class _Dims:
     def __init__(self, x, experts, beta, bias):
-        for name, t in (("x", x), ("experts", experts), ("beta", beta), ("bias", bias)):
-            if t is not None and t.dtype not in _DTYPES:
-                raise TypeError(f"mos_linear (triton): {name} has dtype {t.dtype}; expected one of "
-                                f"{', '.join(map(str, _DTYPES))}")
+        # The op's contract checked shapes, dtypes and devices; these checks guard direct calls.
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"mos_linear (triton): x has dtype {x.dtype}; expected one of "
+                            f"{', '.join(map(str, _DTYPES))}")
         if x.dim() != 2 or experts.dim() != 3 or beta.dim() != 2:
             raise ValueError("mos_linear (triton): expected x (T, n_in), experts (m, N_max, K_max) "
                              f"and beta (n_out, m), got {tuple(x.shape)}, {tuple(experts.shape)} "
@@ -445,8 +452,7 @@ class _Dims:
         if beta.shape[1] != self.m or self.n_out > self.n_max or self.n_in > self.k_max:
             raise ValueError(f"mos_linear (triton): beta {tuple(beta.shape)} and x "
                              f"{tuple(x.shape)} do not fit experts {tuple(experts.shape)}")
-        self.acc = _acc_type(x.dtype)
-        self.dot = _dot_type(x.dtype)
+        self.acc, self.dot = _types(x.dtype)
         self.acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.precision = _precision(x.dtype)
         self.strategy = choose_strategy(self.tokens, self.n_out, self.n_in, self.m)
@@ -464,8 +470,8 @@ def _combine(experts, beta, bias, d):
     weight = experts.new_empty(d.n_out, d.n_in)
     bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
     mixed_bias = experts.new_empty(d.n_out) if bias_kind == 2 else weight
-    grid = lambda meta: (triton.cdiv(d.n_out, meta["BLOCK_N"]),  # noqa: E731
-                         triton.cdiv(d.n_in, meta["BLOCK_K"]))
+    grid = lambda meta: (_cdiv(d.n_out, meta["BLOCK_N"]),  # noqa: E731
+                         _cdiv(d.n_in, meta["BLOCK_K"]))
     _combine_kernel[grid](
         experts, beta, bias_ptr, weight, mixed_bias, d.n_out, d.n_in, *experts.stride(),
         *beta.stride(), stride_bias0, stride_bias1, _key(d.n_out), _key(d.n_in),
@@ -485,8 +491,8 @@ def forward(x, experts, beta, bias):
         if d.tokens == 0:
             return y
         bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
-        grid = lambda meta: (triton.cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
-                             * triton.cdiv(d.n_out, meta["BLOCK_N"]),)
+        grid = lambda meta: (_cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
+                             * _cdiv(d.n_out, meta["BLOCK_N"]),)
         _forward_kernel[grid](
             x, experts, beta, bias_ptr, y, d.tokens, d.n_out, d.n_in, *x.stride(),
             *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0), bias_kind,
@@ -502,8 +508,8 @@ def _grad_input(dy, x, experts, beta, d):
     dx = x.new_empty(d.tokens, d.n_in)
     if d.tokens == 0:
         return dx
-    grid = lambda meta: (triton.cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
-                         * triton.cdiv(d.n_in, meta["BLOCK_K"]),)
+    grid = lambda meta: (_cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
+                         * _cdiv(d.n_in, meta["BLOCK_K"]),)
     _grad_input_kernel[grid](
         dy, experts, beta, dx, d.tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
         *beta.stride(), dx.stride(0), _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m,
@@ -539,14 +545,14 @@ def backward(dy, x, experts, beta, bias, needs):
                 row_sums = dy.sum(0, dtype=d.acc_torch)
             if want_de:
                 de = experts.new_empty(experts.shape)
-            max_parts = triton.cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
+            max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
             parts = dy.new_empty((max_parts, d.n_out, d.m), dtype=d.acc_torch)
             chosen = {}
 
             def grid(meta):  # the last call is the launch itself, after any autotuning
                 chosen.update(meta)
-                return (triton.cdiv(d.n_max if want_de else d.n_out, meta["BLOCK_N"]),
-                        triton.cdiv(d.k_max if want_de else d.n_in, meta["BLOCK_K"]))
+                return (_cdiv(d.n_max if want_de else d.n_out, meta["BLOCK_N"]),
+                        _cdiv(d.k_max if want_de else d.n_in, meta["BLOCK_K"]))
 
             _weight_grad_kernel[grid](
                 dy, x, grad_rows, experts, beta, de if want_de else dy,
@@ -556,7 +562,7 @@ def backward(dy, x, experts, beta, bias, needs):
                 M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g, WANT_DE=want_de,
                 WANT_PARTS=want_dbeta, WANT_S=want_s and not from_g,
                 **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
-            n_parts = triton.cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
+            n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
             assert n_parts <= max_parts
         elif want_s:
             row_sums = dy.sum(0, dtype=d.acc_torch)
@@ -567,7 +573,7 @@ def backward(dy, x, experts, beta, bias, needs):
             if want_dbias:
                 dbias = bias.new_empty(bias.shape)
             block = 128
-            _beta_bias_grad_kernel[(triton.cdiv(d.n_max, block),)](
+            _beta_bias_grad_kernel[(_cdiv(d.n_max, block),)](
                 parts if want_dbeta else row_sums, row_sums, beta, bias_ptr,
                 dbeta if want_dbeta else row_sums, dbias if want_dbias else row_sums, n_parts,
                 d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, M=d.m, ACC=d.acc,
