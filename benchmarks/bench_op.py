@@ -16,6 +16,7 @@ an nn.Linear of the same shape. Writes JSON and a PNG plot of the ratios.
     python benchmarks/bench_op.py --device cuda --dtype bfloat16 --tokens 512 2048 4096 8192 16384
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -90,7 +91,7 @@ def make_case(shape, tokens, m, dtype, device, seed=0):
         n_in=n_in, n_out=n_out)
 
 
-def forward_fn(label, backend, strategy, case):
+def forward_fn(label, backend, case):
     if label == "naive":
         return lambda: mos_kernels.reference.mos_linear(case["x"], case["experts"], case["beta"],
                                                         case["bias"])
@@ -98,26 +99,30 @@ def forward_fn(label, backend, strategy, case):
         n_in, n_out = case["n_in"], case["n_out"]
         return lambda: F.linear(case["x"], case["weight"][:n_out, :n_in],
                                 case["dense_bias"][:n_out])
-
-    def run():
-        module = backends.load(backend)
-        saved = getattr(module, "strategy", None)
-        if strategy is not None:
-            module.strategy = strategy
-        try:
-            return mos_kernels.mos_linear(case["x"], case["experts"], case["beta"], case["bias"],
+    return lambda: mos_kernels.mos_linear(case["x"], case["experts"], case["beta"], case["bias"],
                                           backend=backend)
-        finally:
-            if strategy is not None:
-                module.strategy = saved
-    return run
+
+
+@contextlib.contextmanager
+def strategy_of(backend, strategy):
+    """Runs the block with a fused backend's strategy forced (forward and backward alike)."""
+    if strategy is None:
+        yield
+        return
+    module = backends.load(backend)
+    saved, module.strategy = module.strategy, strategy
+    try:
+        yield
+    finally:
+        module.strategy = saved
 
 
 def bench_case(providers, case, modes, reps, clock, device):
     """Median seconds per (provider, mode), and peak memory of fwdbwd on CUDA."""
     times = {(p[0], mode): [] for p in providers for mode in modes}
     peak = {}
-    fns = {p[0]: forward_fn(*p, case) for p in providers}
+    fns = {p[0]: forward_fn(p[0], p[1], case) for p in providers}
+    strategies = {p[0]: (p[1], p[2]) for p in providers}
     grads = ["x", "experts", "beta", "bias", "weight", "dense_bias"]
 
     def clear():
@@ -126,12 +131,13 @@ def bench_case(providers, case, modes, reps, clock, device):
 
     def one(label, mode):
         fwd = fns[label]
-        if mode == "fwd":
-            return clock(fwd)
-        if mode == "fwdbwd":
-            return clock(lambda: fwd().backward(case["dy"]))
-        y = fwd()
-        return clock(lambda: y.backward(case["dy"]))
+        with strategy_of(*strategies[label]):
+            if mode == "fwd":
+                return clock(fwd)
+            if mode == "fwdbwd":
+                return clock(lambda: fwd().backward(case["dy"]))
+            y = fwd()
+            return clock(lambda: y.backward(case["dy"]))
 
     for label in fns:  # warm-up: compilation, autotuning, allocator
         for mode in modes:
@@ -148,7 +154,8 @@ def bench_case(providers, case, modes, reps, clock, device):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fns[label]().backward(case["dy"])
+            with strategy_of(*strategies[label]):
+                fns[label]().backward(case["dy"])
             torch.cuda.synchronize()
             peak[label] = torch.cuda.max_memory_allocated() - base
             clear()
@@ -248,6 +255,15 @@ def main(argv=None):
     print(f"# {env['device']} | {env['date']} | commit {env['commit']} | torch {env['torch']} | "
           f"{env['threads']} threads | {dtype} | auto -> {mos_kernels.resolve_backend('auto', device)}")
 
+    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                      f"op_{device.type}")
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+
+    def save(eval_rows=()):
+        with open(prefix + ".json", "w") as f:
+            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, results=results,
+                           eval_cache=list(eval_rows), command=" ".join(sys.argv)), f, indent=1)
+
     results = []
     head = f"{'shape':10} {'T':>6} {'m':>2} {'mode':6} " + " ".join(f"{p[0]:>14}" for p in providers)
     head += "".join(f" {f + ' f/d':>12} {'n/' + f:>10}" for f in primary)
@@ -267,6 +283,7 @@ def main(argv=None):
                     if peak and mode == "fwdbwd":
                         row["peak_bytes"] = peak
                     results.append(row)
+                    save()
                     line = f"{name:10} {tokens:>6} {m:>2} {mode:6} " + " ".join(
                         f"{1e3 * med[(p[0], mode)]:>14.3f}" for p in providers)
                     line += "".join(f" {row['ratios'][f]['fused_over_dense']:>12.3f} "
@@ -285,12 +302,7 @@ def main(argv=None):
             print(f"{r['shape']:10} T={r['tokens']:>6}  mos {1e3 * r['mos_eval_s']:.3f}  "
                   f"linear {1e3 * r['linear_s']:.3f}  ratio {r['ratio']:.3f}")
 
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"op_{device.type}")
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-        json.dump(dict(environment=env, dtype=str(dtype), reps=reps, results=results,
-                       eval_cache=eval_rows, command=" ".join(sys.argv)), f, indent=1)
+    save(eval_rows)
     plot(results, primary[0], prefix + ".png")
     print(f"\nwrote {prefix}.json and {prefix}.png")
 
