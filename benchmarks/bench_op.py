@@ -117,7 +117,7 @@ def strategy_of(backend, strategy):
         module.strategy = saved
 
 
-def bench_case(providers, case, modes, reps, clock, device):
+def bench_case(providers, case, modes, reps, iters, clock, device):
     """Median seconds per (provider, mode), and peak memory of fwdbwd on CUDA."""
     times = {(p[0], mode): [] for p in providers for mode in modes}
     peak = {}
@@ -130,14 +130,27 @@ def bench_case(providers, case, modes, reps, clock, device):
             case[k].grad = None
 
     def one(label, mode):
+        """Seconds per call, from `iters` calls issued back to back (on a GPU the host runs ahead,
+        so this is the throughput a training loop sees)."""
         fwd = fns[label]
+
+        def fwdbwd():
+            for _ in range(iters):
+                fwd().backward(case["dy"])
+                clear()
+
         with strategy_of(*strategies[label]):
             if mode == "fwd":
-                return clock(fwd)
+                return clock(lambda: [fwd() for _ in range(iters)]) / iters
             if mode == "fwdbwd":
-                return clock(lambda: fwd().backward(case["dy"]))
-            y = fwd()
-            return clock(lambda: y.backward(case["dy"]))
+                return clock(fwdbwd) / iters
+            outputs = [fwd() for _ in range(iters)]
+
+            def bwd():
+                for y in outputs:
+                    y.backward(case["dy"])
+                    clear()
+            return clock(bwd) / iters
 
     for label in fns:  # warm-up: compilation, autotuning, allocator
         for mode in modes:
@@ -190,6 +203,7 @@ def environment(device):
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
+    commit = commit or os.environ.get("MOS_COMMIT", "")  # a copied tree without .git
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -234,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"],
                     choices=["fwd", "bwd", "fwdbwd"])
     ap.add_argument("--reps", type=int, default=None, help="default 7 on CPU, 50 on CUDA")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="calls per timed sample, issued back to back (default 1 on CPU, 20 on "
+                         "CUDA, where one call's host work would otherwise be what is timed)")
     ap.add_argument("--strategies", action="store_true",
                     help="also time each strategy of a fused backend")
     ap.add_argument("--no-eval-cache", action="store_true")
@@ -244,6 +261,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     reps = args.reps or (50 if device.type == "cuda" else 7)
+    iters = args.iters or (20 if device.type == "cuda" else 1)
     clock = Clock(device)
     random.seed(0)
     fused = fused_providers(device, args.strategies)
@@ -261,7 +279,7 @@ def main(argv=None):
 
     def save(eval_rows=()):
         with open(prefix + ".json", "w") as f:
-            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, results=results,
+            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, iters=iters, results=results,
                            eval_cache=list(eval_rows), command=" ".join(sys.argv)), f, indent=1)
 
     results = []
@@ -272,7 +290,7 @@ def main(argv=None):
         for tokens in args.tokens:
             for m in args.experts:
                 case = make_case(SHAPES[name], tokens, m, dtype, device)
-                med, peak = bench_case(providers, case, args.modes, reps, clock, device)
+                med, peak = bench_case(providers, case, args.modes, reps, iters, clock, device)
                 for mode in args.modes:
                     row = dict(shape=name, dims=SHAPES[name], tokens=tokens, m=m, mode=mode,
                                median_s={p[0]: med[(p[0], mode)] for p in providers}, ratios={})

@@ -5,6 +5,7 @@
 # TEST_SECONDS / BENCH_SECONDS cap the two parts so that a short lease still returns both.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
+# MOS_COMMIT: the commit of the copied tree (it has no .git), recorded in the JSON.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
@@ -21,6 +22,6 @@ timeout "${TEST_SECONDS:-900}" python -m pytest -q --tb=line -p no:cacheprovider
 echo "tests: exit $?"; grep -E "passed|failed|error" "$out/tests.log" | tail -15
 
 timeout "${BENCH_SECONDS:-900}" python benchmarks/bench_op.py --device cuda --dtype bfloat16 \
-  --tokens 512 2048 4096 8192 16384 --modes fwd bwd fwdbwd --strategies --reps 20 --no-eval-cache \
+  --tokens 512 2048 4096 8192 16384 --modes fwd bwd fwdbwd --strategies --reps 20 --iters 20 --no-eval-cache \
   --out "$out/op_cuda_bf16" "$@" > "$out/bench.log" 2>&1
 echo "bench: exit $?"; cat "$out/bench.log"
