@@ -126,6 +126,24 @@ def test_opcheck(backend, layerwise, bias_kind):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_custom_op_and_eager_path_agree(backend, layerwise):
+    """Eager calls skip the custom op's dispatch; the op itself (what torch.compile runs) must
+    give the same output and gradients."""
+    tensors = make_inputs(9, 20, 13, 24, 16, 3, layerwise, "expert", torch.float32)
+    x, experts, beta, bias = tensors
+    beta_rows = beta.expand(13, 3)
+    y_op = torch.ops.mos_kernels.mos_linear(x, experts, beta_rows, bias, backend)
+    dy = torch.randn_like(y_op)
+    grads_op = torch.autograd.grad(y_op, tensors, dy)
+    y = mos_kernels.mos_linear(x, experts, beta, bias, out_features=13, backend=backend)
+    grads = torch.autograd.grad(y, tensors, dy)
+    torch.testing.assert_close(y_op, y, rtol=0, atol=0)
+    for a, b in zip(grads_op, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_compiled_module_has_no_graph_break(backend):
     torch._dynamo.reset()
     layer = mos_kernels.MoSLinear(24, 16, num_experts=3, backend=backend).to(DEVICE)
