@@ -8,13 +8,17 @@ Two strategies, picked per call by the module attribute ``strategy``:
   which writes the m slices of dexperts, the row sums s = sum_t dy and per-tile dbeta partials
   from its epilogue.
 - "combine": one pass writes W_a (n_out, n_in) (and the mixed bias), then torch (cuBLAS) runs the
-  GEMMs; G = dy^T x by torch.mm too, then the same epilogue kernel reads G instead of computing it.
-  It wins at large token counts, where the one-pass kernel recombines W_a once per token tile.
+  GEMMs; G = dy^T x by torch.mm too (in the input dtype), then the same epilogue kernel reads G
+  instead of computing it. Meant for large token counts: the one-pass kernels recombine each
+  weight tile once per token tile, on the CUDA cores, while combine does it once.
 - "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on.
+Set ``triton_backend.strategy`` to force one (the op benchmark does, to show the crossover).
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
 a fixed order (no float atomics), so gradients are bit-identical from run to run for a given tile
-configuration. The autotuner picks that configuration by timing, once per shape key and process.
+configuration (and, for "combine", as deterministic as cuBLAS is). The autotuner picks the tile
+configuration by timing, once per shape key (sizes bucketed to powers of two) and process; small
+problems and the interpreter use one fixed configuration.
 
 Precision: fp16 and bf16 inputs are combined and accumulated in fp32; the combined weight tile is
 rounded to the input dtype for the tensor-core dot. fp64 inputs use fp64 throughout. fp32 inputs
