@@ -32,9 +32,12 @@ import torch
 
 STRATEGIES = ("onepass", "combine")
 strategy = "auto"
-# "auto" switches to combine-then-GEMM at this many tokens (rows of x). A first guess from the
-# cost model (one-pass recombines W_a once per token tile); the GPU benchmark calibrates it.
-COMBINE_MIN_TOKENS = 4096
+# "auto" switches to combine-then-GEMM at this many tokens (rows of x). From the first H100 run
+# of benchmarks/bench_op.py (bf16, m = 2 and 6, forward + backward medians): one-pass was ahead
+# at every T <= 8192 (mt-ffn1, bert-ffn2); at T = 16384 combine was ahead for bert-ffn2 and
+# one-pass for mt-ffn1. Most of those timings were bound by host overhead, so recalibrate on
+# GPU-bound timings (larger T, or device time from the profiler).
+COMBINE_MIN_TOKENS = 16384
 
 try:
     import triton
@@ -519,6 +522,13 @@ def _grad_input(dy, x, experts, beta, d):
     return dx
 
 
+def _row_sums(dy, d):
+    """s = sum_t dy[t] by torch, for the paths that do not read dy in the weight-gradient
+    kernel. Not dy.sum(0, dtype=float32): for half inputs that first copies dy to fp32, a
+    (T, n_out) fp32 temporary; torch's half sums accumulate in fp32 anyway and round once."""
+    return dy.sum(0).to(d.acc_torch)
+
+
 def backward(dy, x, experts, beta, bias, needs):
     d = _Dims(x, experts, beta, bias)
     if tuple(dy.shape) != (d.tokens, d.n_out) or dy.dtype != x.dtype or dy.device != x.device:
@@ -543,7 +553,7 @@ def backward(dy, x, experts, beta, bias, needs):
             from_g = d.strategy == "combine"
             grad_rows = torch.mm(dy.t(), x) if from_g else dy
             if from_g and want_s:
-                row_sums = dy.sum(0, dtype=d.acc_torch)
+                row_sums = _row_sums(dy, d)
             if want_de:
                 de = experts.new_empty(experts.shape)
             max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
@@ -566,7 +576,7 @@ def backward(dy, x, experts, beta, bias, needs):
             n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
             assert n_parts <= max_parts
         elif want_s:
-            row_sums = dy.sum(0, dtype=d.acc_torch)
+            row_sums = _row_sums(dy, d)
 
         if want_dbeta or want_dbias:
             if want_dbeta:
