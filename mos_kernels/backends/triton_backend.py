@@ -8,13 +8,17 @@ Two strategies, picked per call by the module attribute ``strategy``:
   which writes the m slices of dexperts, the row sums s = sum_t dy and per-tile dbeta partials
   from its epilogue.
 - "combine": one pass writes W_a (n_out, n_in) (and the mixed bias), then torch (cuBLAS) runs the
-  GEMMs; G = dy^T x by torch.mm too, then the same epilogue kernel reads G instead of computing it.
-  It wins at large token counts, where the one-pass kernel recombines W_a once per token tile.
+  GEMMs; G = dy^T x by torch.mm too (in the input dtype), then the same epilogue kernel reads G
+  instead of computing it. Meant for large token counts: the one-pass kernels recombine each
+  weight tile once per token tile, on the CUDA cores, while combine does it once.
 - "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on.
+Set ``triton_backend.strategy`` to force one (the op benchmark does, to show the crossover).
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
 a fixed order (no float atomics), so gradients are bit-identical from run to run for a given tile
-configuration. The autotuner picks that configuration by timing, once per shape key and process.
+configuration (and, for "combine", as deterministic as cuBLAS is). The autotuner picks the tile
+configuration by timing, once per shape key (sizes bucketed to powers of two) and process; small
+problems and the interpreter use one fixed configuration.
 
 Precision: fp16 and bf16 inputs are combined and accumulated in fp32; the combined weight tile is
 rounded to the input dtype for the tensor-core dot. fp64 inputs use fp64 throughout. fp32 inputs
@@ -28,9 +32,12 @@ import torch
 
 STRATEGIES = ("onepass", "combine")
 strategy = "auto"
-# "auto" switches to combine-then-GEMM at this many tokens (rows of x). A first guess from the
-# cost model (one-pass recombines W_a once per token tile); the GPU benchmark calibrates it.
-COMBINE_MIN_TOKENS = 4096
+# "auto" switches to combine-then-GEMM at this many tokens (rows of x). From the first H100 run
+# of benchmarks/bench_op.py (bf16, m = 2 and 6, forward + backward medians): one-pass was ahead
+# at every T <= 8192 (mt-ffn1, bert-ffn2); at T = 16384 combine was ahead for bert-ffn2 and
+# one-pass for mt-ffn1. Most of those timings were bound by host overhead, so recalibrate on
+# GPU-bound timings (larger T, or device time from the profiler).
+COMBINE_MIN_TOKENS = 16384
 
 try:
     import triton
@@ -179,18 +186,21 @@ if triton is not None:
         tl.store(DX + rows64[:, None] * stride_dxt + ks64[None, :], acc.to(DX.dtype.element_ty),
                  mask=row_ok[:, None] & k_ok[None, :])
 
-    @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _KEYS)
+    _WANTS = ["want_de", "want_parts", "want_s"]
+
+    @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _WANTS + _KEYS)
     def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, T, n_out, n_in, N_max, K_max,
                             stride_dyt, stride_dyo, stride_xt, stride_xk, stride_go, stride_gk,
                             stride_e0, stride_e1, stride_e2, stride_bo, stride_bi, stride_de0,
-                            T_KEY, N_KEY, K_KEY, M: tl.constexpr, ACC: tl.constexpr,
-                            DOT: tl.constexpr, PRECISION: tl.constexpr, FROM_G: tl.constexpr,
-                            WANT_DE: tl.constexpr, WANT_PARTS: tl.constexpr, WANT_S: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            want_de, want_parts, want_s, T_KEY, N_KEY, K_KEY, M: tl.constexpr,
+                            ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                            FROM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         """One (o, k) tile of G = dy^T x (or of a given G), then in the epilogue:
         dE[i, o, k] = beta[o, i] G[o, k] for every expert over the whole (N_max, K_max) grid
         (exactly zero outside the slice), Parts[pid_k, o, i] = sum_k G[o, k] E[i, o, k] over
-        this tile, and (tiles with pid_k == 0) s[o] = sum_t dy[t, o]."""
+        this tile, and (tiles with pid_k == 0) s[o] = sum_t dy[t, o]. The want_* flags are
+        runtime values: one compiled kernel serves every combination of needed gradients."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         os_ = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,6 +219,7 @@ if triton is not None:
             dy_cols = DY + os64[:, None] * stride_dyo
             x_cols = X + ks64[None, :] * stride_xk
             t_stop = in_slice.to(tl.int32) * T  # tiles outside the slice only write zeros
+            sum_rows = (want_s != 0) & (pid_k == 0)
             for t0 in range(0, t_stop, BLOCK_T):
                 ts = t0 + tl.arange(0, BLOCK_T)
                 t_ok = ts < T
@@ -218,13 +229,11 @@ if triton is not None:
                 x = tl.load(x_cols + ts64[:, None] * stride_xt,
                             mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # (T, K)
                 acc = tl.dot(dy_t.to(DOT), x.to(DOT), acc, input_precision=PRECISION)
-                if WANT_S:
-                    if pid_k == 0:
-                        s += tl.sum(dy_t.to(ACC), axis=1)
-            if WANT_S:
-                if pid_k == 0:
-                    tl.store(S + os64, s, mask=o_ok)
-        if WANT_DE:
+                if sum_rows:
+                    s += tl.sum(dy_t.to(ACC), axis=1)
+            if sum_rows:
+                tl.store(S + os64, s, mask=o_ok)
+        if want_de != 0:
             de_ptrs = DE + os64[:, None] * K_max + ks64[None, :]
             de_mask = (os_ < N_max)[:, None] & (ks < K_max)[None, :]
             beta_ptrs = Beta + os64 * stride_bo
@@ -233,21 +242,20 @@ if triton is not None:
                 tl.store(de_ptrs, (b[:, None] * acc).to(DE.dtype.element_ty), mask=de_mask)
                 de_ptrs += stride_de0
                 beta_ptrs += stride_bi
-        if WANT_PARTS:
-            if in_slice:
-                e_ptrs = E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2
-                part_ptrs = Parts + (pid_k.to(tl.int64) * n_out + os64) * M
-                for _ in tl.static_range(M):
-                    e = tl.load(e_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-                    tl.store(part_ptrs, tl.sum(acc * e, axis=1), mask=o_ok)
-                    e_ptrs += stride_e0
-                    part_ptrs += 1
+        if (want_parts != 0) & in_slice:
+            e_ptrs = E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2
+            part_ptrs = Parts + (pid_k.to(tl.int64) * n_out + os64) * M
+            for _ in tl.static_range(M):
+                e = tl.load(e_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+                tl.store(part_ptrs, tl.sum(acc * e, axis=1), mask=o_ok)
+                e_ptrs += stride_e0
+                part_ptrs += 1
 
-    @triton.jit(do_not_specialize=["n_parts", "n_out", "N_max"] + _SMALL_LOADS)
+    @triton.jit(do_not_specialize=["n_parts", "n_out", "N_max", "bias_kind", "want_dbeta",
+                                   "want_dbias"] + _SMALL_LOADS)
     def _beta_bias_grad_kernel(Parts, S, Beta, Bias, DBeta, DBias, n_parts, n_out, N_max,
-                               stride_bo, stride_bi, stride_bias0, stride_bias1,
-                               M: tl.constexpr, ACC: tl.constexpr, BIAS_KIND: tl.constexpr,
-                               WANT_DBETA: tl.constexpr, WANT_DBIAS: tl.constexpr,
+                               stride_bo, stride_bi, stride_bias0, stride_bias1, bias_kind,
+                               want_dbeta, want_dbias, M: tl.constexpr, ACC: tl.constexpr,
                                BLOCK: tl.constexpr):
         """dbeta[o, i] = sum over k tiles p, in order, of Parts[p, o, i], plus s[o] bias[i, o]
         for a per-expert bias; dbias = beta[o, i] s[o] (per expert) or s[o] (shared), zero for
@@ -259,30 +267,27 @@ if triton is not None:
         beta_ptrs = Beta + os64 * stride_bo
         bias_ptrs = Bias + os64 * stride_bias1
         for i in tl.static_range(M):
-            if WANT_DBETA:
+            if want_dbeta != 0:
                 total = tl.zeros((BLOCK,), dtype=ACC)
                 for p in range(0, n_parts):
                     total += tl.load(Parts + (p * n_out + os64) * M + i, mask=o_ok, other=0.0)
-                if BIAS_KIND == 2:
+                if bias_kind == 2:
                     total += s * tl.load(bias_ptrs, mask=o_ok, other=0.0).to(ACC)
                 tl.store(DBeta + os64 * M + i, total.to(DBeta.dtype.element_ty), mask=o_ok)
-            if WANT_DBIAS:
-                if BIAS_KIND == 2:
-                    b = tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)
-                    tl.store(DBias + i * N_max + os64, (b * s).to(DBias.dtype.element_ty),
-                             mask=os_ < N_max)
+            if (want_dbias != 0) & (bias_kind == 2):
+                b = tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)
+                tl.store(DBias + i * N_max + os64, (b * s).to(DBias.dtype.element_ty),
+                         mask=os_ < N_max)
             beta_ptrs += stride_bi
             bias_ptrs += stride_bias0
-        if WANT_DBIAS:
-            if BIAS_KIND == 1:
-                tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
+        if (want_dbias != 0) & (bias_kind == 1):
+            tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
 
-    @triton.jit(do_not_specialize=_SMALL_LOADS + ["N_KEY", "K_KEY"])
+    @triton.jit(do_not_specialize=_SMALL_LOADS + ["bias_kind", "N_KEY", "K_KEY"])
     def _combine_kernel(E, Beta, Bias, W, MixedBias, n_out, n_in,
                         stride_e0, stride_e1, stride_e2, stride_bo, stride_bi,
-                        stride_bias0, stride_bias1, N_KEY, K_KEY, M: tl.constexpr,
-                        ACC: tl.constexpr, BIAS_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        stride_bias0, stride_bias1, bias_kind, N_KEY, K_KEY, M: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """W_a (n_out, n_in) contiguous, and b_a for a per-expert bias (tiles with pid_k == 0)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -296,11 +301,10 @@ if triton is not None:
         w = _mixed(E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2, stride_e0,
                    Beta + os64[:, None] * stride_bo, stride_bi, mask, o_ok[:, None], M, ACC)
         tl.store(W + os64[:, None] * n_in + ks64[None, :], w.to(W.dtype.element_ty), mask=mask)
-        if BIAS_KIND == 2:
-            if pid_k == 0:
-                b = _mixed(Bias + os64 * stride_bias1, stride_bias0, Beta + os64 * stride_bo,
-                           stride_bi, o_ok, o_ok, M, ACC)
-                tl.store(MixedBias + os64, b.to(MixedBias.dtype.element_ty), mask=o_ok)
+        if (bias_kind == 2) & (pid_k == 0):
+            b = _mixed(Bias + os64 * stride_bias1, stride_bias0, Beta + os64 * stride_bo,
+                       stride_bi, o_ok, o_ok, M, ACC)
+            tl.store(MixedBias + os64, b.to(MixedBias.dtype.element_ty), mask=o_ok)
 
     # ---------------------------------------------------------------- tile configurations
     def _config(num_warps, num_stages, **blocks):
@@ -383,7 +387,7 @@ if triton is not None:
             _GEMM_CONFIGS, key=_gemm_key,
             prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_grad_input_kernel)
         _weight_grad_kernel = triton.autotune(
-            _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G", "WANT_DE", "WANT_PARTS", "WANT_S"],
+            _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G"] + _WANTS,
             prune_configs_by={"early_config_prune": _pruner(_wgrad_shared)})(_weight_grad_kernel)
         _combine_kernel = triton.autotune(_COMBINE_CONFIGS,
                                           key=["N_KEY", "K_KEY", "M"])(_combine_kernel)
@@ -474,8 +478,8 @@ def _combine(experts, beta, bias, d):
                          _cdiv(d.n_in, meta["BLOCK_K"]))
     _combine_kernel[grid](
         experts, beta, bias_ptr, weight, mixed_bias, d.n_out, d.n_in, *experts.stride(),
-        *beta.stride(), stride_bias0, stride_bias1, _key(d.n_out), _key(d.n_in),
-        M=d.m, ACC=d.acc, BIAS_KIND=bias_kind, **_tiles("BLOCK_N", "BLOCK_K"))
+        *beta.stride(), stride_bias0, stride_bias1, bias_kind, _key(d.n_out), _key(d.n_in),
+        M=d.m, ACC=d.acc, **_tiles("BLOCK_N", "BLOCK_K"))
     if bias_kind == 0:
         return weight, None
     return weight, (bias[:d.n_out] if bias_kind == 1 else mixed_bias)
@@ -518,6 +522,13 @@ def _grad_input(dy, x, experts, beta, d):
     return dx
 
 
+def _row_sums(dy, d):
+    """s = sum_t dy[t] by torch, for the paths that do not read dy in the weight-gradient
+    kernel. Not dy.sum(0, dtype=float32): for half inputs that first copies dy to fp32, a
+    (T, n_out) fp32 temporary; torch's half sums accumulate in fp32 anyway and round once."""
+    return dy.sum(0).to(d.acc_torch)
+
+
 def backward(dy, x, experts, beta, bias, needs):
     d = _Dims(x, experts, beta, bias)
     if tuple(dy.shape) != (d.tokens, d.n_out) or dy.dtype != x.dtype or dy.device != x.device:
@@ -542,7 +553,7 @@ def backward(dy, x, experts, beta, bias, needs):
             from_g = d.strategy == "combine"
             grad_rows = torch.mm(dy.t(), x) if from_g else dy
             if from_g and want_s:
-                row_sums = dy.sum(0, dtype=d.acc_torch)
+                row_sums = _row_sums(dy, d)
             if want_de:
                 de = experts.new_empty(experts.shape)
             max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
@@ -558,14 +569,14 @@ def backward(dy, x, experts, beta, bias, needs):
                 dy, x, grad_rows, experts, beta, de if want_de else dy,
                 parts if want_dbeta else dy, row_sums, d.tokens, d.n_out, d.n_in, d.n_max,
                 d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
-                *beta.stride(), d.n_max * d.k_max, _key(d.tokens), _key(d.n_out), _key(d.n_in),
-                M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g, WANT_DE=want_de,
-                WANT_PARTS=want_dbeta, WANT_S=want_s and not from_g,
+                *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
+                int(want_s and not from_g), _key(d.tokens), _key(d.n_out), _key(d.n_in),
+                M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g,
                 **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
             n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
             assert n_parts <= max_parts
         elif want_s:
-            row_sums = dy.sum(0, dtype=d.acc_torch)
+            row_sums = _row_sums(dy, d)
 
         if want_dbeta or want_dbias:
             if want_dbeta:
@@ -576,7 +587,6 @@ def backward(dy, x, experts, beta, bias, needs):
             _beta_bias_grad_kernel[(_cdiv(d.n_max, block),)](
                 parts if want_dbeta else row_sums, row_sums, beta, bias_ptr,
                 dbeta if want_dbeta else row_sums, dbias if want_dbias else row_sums, n_parts,
-                d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, M=d.m, ACC=d.acc,
-                BIAS_KIND=bias_kind, WANT_DBETA=want_dbeta, WANT_DBIAS=want_dbias, BLOCK=block,
-                num_warps=4)
+                d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, bias_kind,
+                int(want_dbeta), int(want_dbias), M=d.m, ACC=d.acc, BLOCK=block, num_warps=4)
     return dx, de, dbeta, dbias
