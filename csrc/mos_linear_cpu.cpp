@@ -186,8 +186,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
               "mos_linear backward: dy must be (", d.tokens, ", ", d.n_out, "), got ", dy.sizes());
   const bool want_bias = needs[3] && bias.has_value();
   const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
-  const Tensor empty = x.new_empty({0});
-  Tensor d_x = empty, d_experts = empty, d_beta = empty, d_bias = empty;
+  // Gradients not asked for come back as distinct empty tensors (outputs of an op may not alias).
+  Tensor d_x = x.new_empty({0}), d_experts = x.new_empty({0}), d_beta = x.new_empty({0}),
+         d_bias = x.new_empty({0});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mos_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,139 @@
+"""MoSLinear: the router, architecture switching, collapse to nn.Linear, state, the eval cache."""
+import pytest
+import torch
+from torch import nn
+
+import mos_kernels
+from mos_kernels import MoSLinear
+
+
+def make(granularity="neuron", bias=True, **kw):
+    torch.manual_seed(0)
+    return MoSLinear(24, 16, bias=bias, num_experts=3, granularity=granularity, arch_dim=4, **kw)
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
+def test_router_rows_sum_to_one(granularity):
+    layer = make(granularity).set_arch(torch.rand(4), out_features=11)
+    beta = layer.router_scores()
+    assert beta.shape == ((11, 3) if granularity == "neuron" else (3,))
+    torch.testing.assert_close(beta.sum(-1), torch.ones(beta.shape[:-1]))
+    assert (beta > 0).all()
+
+
+def test_drop_in_for_linear_runs_full_size():
+    layer = MoSLinear(24, 16)
+    assert layer.experts.shape == (2, 16, 24) and layer.bias.shape == (2, 16)
+    assert (layer.active_in, layer.active_out) == (24, 16)
+    assert layer(torch.randn(2, 5, 24)).shape == (2, 5, 16)
+    torch.testing.assert_close(layer.arch, torch.ones(10))
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_and_switches_architecture(granularity, bias):
+    layer = make(granularity, bias)
+    x = torch.randn(5, 24)
+    outputs = []
+    for encoding, n_in, n_out in [(torch.ones(4), 24, 16), (torch.rand(4), 13, 7),
+                                  (torch.rand(4), 24, 9)]:
+        layer.set_arch(encoding, in_features=n_in, out_features=n_out)
+        y = layer(x[:, :n_in])
+        beta = layer.router_scores()
+        expected = mos_kernels.reference.mos_linear(x[:, :n_in], layer.experts, beta, layer.bias,
+                                                    out_features=n_out)
+        torch.testing.assert_close(y, expected)
+        outputs.append(y)
+    assert [o.shape[-1] for o in outputs] == [16, 7, 9]
+
+
+def test_router_receives_gradient():
+    layer = make().set_arch(torch.rand(4), 20, 10)
+    layer(torch.randn(6, 20)).square().sum().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert not layer.experts.grad[:, 10:].any() and not layer.experts.grad[:, :, 20:].any()
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_to_linear_gives_the_same_output(granularity, bias):
+    layer = make(granularity, bias).set_arch(torch.rand(4), in_features=17, out_features=5)
+    linear = layer.to_linear()
+    assert isinstance(linear, nn.Linear) and type(linear) is nn.Linear
+    assert linear.weight.shape == (5, 17) and (linear.bias is not None) == bias
+    assert linear.weight.is_leaf and linear.weight.requires_grad
+    x = torch.randn(3, 17)
+    torch.testing.assert_close(linear(x), layer(x))
+
+
+def test_state_dict_round_trip():
+    layer = make().set_arch(torch.rand(4), 20, 10)
+    state = layer.state_dict()
+    assert set(state) == {"experts", "bias", "router.0.weight", "router.0.bias", "router.2.weight",
+                          "router.2.bias"}
+    torch.manual_seed(1)
+    other = MoSLinear(24, 16, num_experts=3, arch_dim=4)
+    other.load_state_dict(state)
+    other.set_arch(layer.arch.clone(), 20, 10)
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(other(x), layer(x))
+
+
+def test_eval_cache_computes_once_and_invalidates(monkeypatch):
+    layer = make().set_arch(torch.rand(4), 20, 10).eval()
+    calls = []
+    original = MoSLinear.collapsed_weights
+    monkeypatch.setattr(MoSLinear, "collapsed_weights",
+                        lambda self: calls.append(1) or original(self))
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        first = layer(x)
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), first)
+        assert len(calls) == 1
+
+        layer.set_arch(torch.rand(4), 20, 10)          # new architecture
+        layer(x)
+        assert len(calls) == 2
+        layer.set_arch(layer.arch.clone(), 20, 8)      # same encoding, other slice
+        layer(x)
+        assert len(calls) == 3
+        layer.experts.add_(1.0)                        # a parameter changes in place
+        changed = layer(x)
+        assert len(calls) == 4
+        layer.router[2].bias.zero_()                   # the router changes
+        layer(x)
+        assert len(calls) == 5
+        layer.load_state_dict(make().state_dict())     # new weights loaded
+        layer(x)
+        assert len(calls) == 6
+    expected = mos_kernels.reference.mos_linear(x, layer.experts, layer.router_scores(),
+                                                layer.bias, out_features=8)
+    torch.testing.assert_close(layer(x), expected)
+    assert len(calls) == 6  # gradients on: no cache
+    del changed
+
+
+def test_training_mode_never_uses_the_cache():
+    layer = make().set_arch(torch.rand(4), 20, 10)
+    with torch.no_grad():
+        layer(torch.randn(2, 20))
+    assert layer._cache is None
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="granularity"):
+        MoSLinear(4, 4, granularity="expert")
+    with pytest.raises(ValueError, match="num_experts"):
+        MoSLinear(4, 4, num_experts=0)
+    layer = make()
+    with pytest.raises(ValueError, match=r"encoding must have shape \(4,\)"):
+        layer.set_arch(torch.rand(5))
+    with pytest.raises(ValueError, match="in_features must be in"):
+        layer.set_arch(torch.rand(4), in_features=25)
+    with pytest.raises(ValueError, match="out_features must be in"):
+        layer.set_arch(torch.rand(4), out_features=0)
+    layer.set_arch(torch.rand(4), in_features=20)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 20\)"):
+        layer(torch.randn(3, 24))

@@ -1,0 +1,218 @@
+"""Every fused backend against the float64 reference: output and every gradient."""
+import itertools
+
+import pytest
+import torch
+
+import mos_kernels
+from oracle import DEVICE, FUSED, assert_close, make_inputs, reference64, run
+
+# (tokens, n_in, n_out, K_max, N_max): odd sizes, round sizes, slices smaller than the experts.
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (7, 7, 7, 7, 7),
+    (33, 7, 33, 40, 127),
+    (127, 127, 33, 127, 33),
+    (7, 33, 127, 128, 130),
+    (64, 64, 64, 64, 64),
+    (128, 96, 256, 128, 256),
+]
+CONFIGS = list(itertools.product([1, 2, 3, 6], ["neuron", "layer"], ["none", "shared", "expert"]))
+DTYPES = {"cpu": [torch.float32, torch.float64], "cuda": [torch.float32, torch.float16,
+                                                         torch.bfloat16]}[DEVICE.type]
+
+
+def cases(backend):
+    """The full product for the fast backends; for triton, every shape and every (m, granularity,
+    bias) configuration, each at least once: on CPU it is interpreted, and on a GPU each new
+    combination compiles new kernels (about a second each on an H100)."""
+    if backend == "triton":
+        return [(shape, CONFIGS[(i * 7) % len(CONFIGS)]) for i, shape in enumerate(SHAPES)] + \
+               [(SHAPES[2], config) for config in CONFIGS]
+    return list(itertools.product(SHAPES, CONFIGS))
+
+
+PARAMS = [pytest.param(b, s, c, id=f"{b}-{'x'.join(map(str, s))}-m{c[0]}-{c[1]}-{c[2]}")
+          for b in FUSED for s, c in cases(b)]
+
+
+def check_backend(backend, shape, config, dtype, lead=(), transform=None):
+    tokens, n_in, n_out, k_max, n_max = shape
+    m, granularity, bias_kind = config
+    tensors = make_inputs(tokens, n_in, n_out, k_max, n_max, m, granularity == "layer", bias_kind,
+                          dtype, lead=lead)
+    if transform is not None:
+        tensors[0] = transform(tensors[0])
+
+    def fused(x, experts, beta, bias, out_features):
+        return mos_kernels.mos_linear(x, experts, beta, bias, out_features=out_features,
+                                      backend=backend)
+
+    y, grads, dy = run(fused, tensors, n_out)
+    y_ref, grads_ref = reference64(tensors, n_out, dy)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert_close(y, y_ref, dtype, "output")
+    for name, g, g_ref in zip(["dx", "dexperts", "dbeta", "dbias"], grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype, name)
+    d_experts = grads[1]
+    assert not d_experts[:, n_out:].any() and not d_experts[:, :, n_in:].any(), \
+        "dexperts must be exactly zero outside the active slice"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, shape, config", PARAMS)
+def test_matches_float64_reference(backend, shape, config, dtype):
+    check_backend(backend, shape, config, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
+def test_leading_dims_and_noncontiguous_x(backend, granularity):
+    config = (3, granularity, "expert")
+    check_backend(backend, (5, 33, 20, 40, 24), config, torch.float32, lead=(2, 3))
+    # x as a transposed view: (tokens, n_in) with strides (1, tokens)
+    check_backend(backend, (33, 20, 17, 24, 20), config, torch.float32,
+                  transform=lambda x: x.detach().t().contiguous().t().requires_grad_(True))
+    # x as a column slice of a wider tensor
+    check_backend(backend, (9, 16, 17, 24, 20), config, torch.float32,
+                  transform=lambda x: torch.cat([x, x], 1).detach()[:, ::2].requires_grad_(True))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradients_are_deterministic(backend):
+    tensors = make_inputs(130, 70, 50, 80, 60, 3, False, "expert", torch.float32)
+    fused = lambda *a, out_features: mos_kernels.mos_linear(*a, out_features=out_features,
+                                                            backend=backend)
+    _, first, dy = run(fused, tensors, 50)
+    _, second, _ = run(fused, tensors, 50, dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_only_requested_gradients(backend):
+    x, experts, beta, bias = make_inputs(9, 12, 10, 16, 12, 2, False, "expert", torch.float32)
+    x.requires_grad_(False)
+    beta = beta.detach()
+    y = mos_kernels.mos_linear(x, experts, beta, bias, backend=backend)
+    y.sum().backward()
+    assert x.grad is None and beta.grad is None
+    assert experts.grad is not None and bias.grad is not None
+    y_ref = mos_kernels.reference.mos_linear(x, experts, beta, bias)
+    d_experts, d_bias = torch.autograd.grad(y_ref.sum(), [experts, bias])
+    torch.testing.assert_close(experts.grad, d_experts)
+    torch.testing.assert_close(bias.grad, d_bias)
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b == "cpu"])
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
+@pytest.mark.parametrize("bias_kind", ["none", "shared", "expert"])
+def test_gradcheck(backend, granularity, bias_kind):
+    tensors = make_inputs(3, 4, 3, 5, 4, 2, granularity == "layer", bias_kind, torch.float64)
+    fn = lambda *a: mos_kernels.mos_linear(*a[:3], a[3] if len(a) > 3 else None, out_features=3,
+                                           backend=backend)
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layerwise, bias_kind", [(False, "expert"), (True, "shared"),
+                                                  (False, "none")])
+def test_opcheck(backend, layerwise, bias_kind):
+    x, experts, beta, *bias = make_inputs(6, 10, 7, 12, 9, 2, layerwise, bias_kind, torch.float32)
+    beta_rows = beta.expand(7, 2)
+    args = (x, experts, beta_rows, bias[0] if bias else None, backend)
+    torch.library.opcheck(torch.ops.mos_kernels.mos_linear.default, args)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_custom_op_and_eager_path_agree(backend, layerwise):
+    """Eager calls skip the custom op's dispatch; the op itself (what torch.compile runs) must
+    give the same output and gradients."""
+    tensors = make_inputs(9, 20, 13, 24, 16, 3, layerwise, "expert", torch.float32)
+    x, experts, beta, bias = tensors
+    beta_rows = beta.expand(13, 3)
+    y_op = torch.ops.mos_kernels.mos_linear(x, experts, beta_rows, bias, backend)
+    dy = torch.randn_like(y_op)
+    grads_op = torch.autograd.grad(y_op, tensors, dy)
+    y = mos_kernels.mos_linear(x, experts, beta, bias, out_features=13, backend=backend)
+    grads = torch.autograd.grad(y, tensors, dy)
+    torch.testing.assert_close(y_op, y, rtol=0, atol=0)
+    for a, b in zip(grads_op, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiled_module_has_no_graph_break(backend):
+    torch._dynamo.reset()
+    layer = mos_kernels.MoSLinear(24, 16, num_experts=3, backend=backend).to(DEVICE)
+    layer.set_arch(torch.rand(10), in_features=20, out_features=13)
+    x = torch.randn(4, 5, 20, device=DEVICE)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    y_eager = layer(x)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(grads, layer.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_backend_choice():
+    assert mos_kernels.available_backends("cpu")[0] == "reference"
+    assert mos_kernels.resolve_backend("reference") == "reference"
+    assert mos_kernels.resolve_backend("auto", "cpu") in ("cpu", "reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mos_kernels.resolve_backend("fastest")
+    if "cpu" in mos_kernels.available_backends("cpu"):
+        assert mos_kernels.resolve_backend("auto", "cpu") == "cpu"
+        with pytest.raises(RuntimeError, match="'cpu' cannot run here: it runs on CPU"):
+            mos_kernels.resolve_backend("cpu", "meta")
+    with pytest.raises(RuntimeError, match="'cuda' cannot run here"):
+        mos_kernels.resolve_backend("cuda", "cpu")
+
+
+def test_reference_backend_matches_reference_function():
+    x, experts, beta, bias = make_inputs(5, 6, 4, 8, 5, 2, False, "expert", torch.float64,
+                                         device="cpu")
+    y = mos_kernels.mos_linear(x, experts, beta, bias, backend="reference")
+    torch.testing.assert_close(y, mos_kernels.reference.mos_linear(x, experts, beta, bias))
+
+
+def _valid(**changes):
+    args = dict(x=torch.randn(3, 4), experts=torch.randn(2, 6, 5), beta=torch.rand(6, 2),
+                bias=None, out_features=None)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("fn", [mos_kernels.mos_linear, mos_kernels.reference.mos_linear])
+@pytest.mark.parametrize("changes, error, words", [
+    (dict(experts=torch.randn(6, 5)), ValueError, "experts must have shape"),
+    (dict(x=torch.randn(3, 7)), ValueError, "n_in = 7"),
+    (dict(beta=torch.rand(7, 2)), ValueError, "n_out = 7"),
+    (dict(beta=torch.rand(6, 3)), ValueError, "beta has shape"),
+    (dict(beta=torch.rand(3)), ValueError, "beta has shape"),
+    (dict(beta=torch.rand(2)), ValueError, "needs out_features"),
+    (dict(beta=torch.rand(2, 2, 2)), ValueError, "beta must have shape"),
+    (dict(out_features=5), ValueError, "out_features = 5"),
+    (dict(bias=torch.randn(5)), ValueError, "bias has shape"),
+    (dict(bias=torch.randn(3, 6)), ValueError, "bias has shape"),
+    (dict(x=torch.randn(3, 4, dtype=torch.float64)), TypeError, "dtype"),
+    (dict(x=torch.ones(3, 4, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+    (dict(beta=[[0.5, 0.5]] * 6), TypeError, "beta must be a torch.Tensor"),
+    (dict(bias=torch.randn(6, device="meta")), ValueError, "bias is on meta"),
+])
+def test_bad_input_is_named(fn, changes, error, words):
+    args = _valid(**changes)
+    with pytest.raises(error, match=words):
+        fn(args.pop("x"), args.pop("experts"), args.pop("beta"), args.pop("bias"), **args)
+
+
+def test_bad_input_layerwise_out_features_too_large():
+    with pytest.raises(ValueError, match="n_out = 9"):
+        mos_kernels.mos_linear(torch.randn(3, 4), torch.randn(2, 6, 5), torch.rand(2),
+                               out_features=9)
