@@ -17,7 +17,7 @@ from mos_models.mt.data import (BOS, EOS, PAD, Tokenizer, build_corpus, clean_pa
                                 epoch_batches, load_split, make_batches, read_lines, read_mo)
 from mos_models.mt.export import load_static
 from mos_models.mt.model import loss_fn
-from mos_models.mt.train import TrainArgs, load_run, train
+from mos_models.mt.train import TrainArgs, train
 from mos_models.mt.translate import beam_search
 
 MICRO = PRESETS["micro"].space

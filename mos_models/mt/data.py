@@ -19,7 +19,6 @@ and the splits do not depend on file order.
 import difflib
 import hashlib
 import json
-import os
 import random
 import re
 import struct

@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 
 from ..common.checkpoint import load_checkpoint, save_checkpoint
 from .config import describe, resolve_arch
