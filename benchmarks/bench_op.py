@@ -16,6 +16,7 @@ an nn.Linear of the same shape. Writes JSON and a PNG plot of the ratios.
     python benchmarks/bench_op.py --device cuda --dtype bfloat16 --tokens 512 2048 4096 8192 16384
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -90,7 +91,7 @@ def make_case(shape, tokens, m, dtype, device, seed=0):
         n_in=n_in, n_out=n_out)
 
 
-def forward_fn(label, backend, strategy, case):
+def forward_fn(label, backend, case):
     if label == "naive":
         return lambda: mos_kernels.reference.mos_linear(case["x"], case["experts"], case["beta"],
                                                         case["bias"])
@@ -98,26 +99,30 @@ def forward_fn(label, backend, strategy, case):
         n_in, n_out = case["n_in"], case["n_out"]
         return lambda: F.linear(case["x"], case["weight"][:n_out, :n_in],
                                 case["dense_bias"][:n_out])
-
-    def run():
-        module = backends.load(backend)
-        saved = getattr(module, "strategy", None)
-        if strategy is not None:
-            module.strategy = strategy
-        try:
-            return mos_kernels.mos_linear(case["x"], case["experts"], case["beta"], case["bias"],
+    return lambda: mos_kernels.mos_linear(case["x"], case["experts"], case["beta"], case["bias"],
                                           backend=backend)
-        finally:
-            if strategy is not None:
-                module.strategy = saved
-    return run
 
 
-def bench_case(providers, case, modes, reps, clock, device):
+@contextlib.contextmanager
+def strategy_of(backend, strategy):
+    """Runs the block with a fused backend's strategy forced (forward and backward alike)."""
+    if strategy is None:
+        yield
+        return
+    module = backends.load(backend)
+    saved, module.strategy = module.strategy, strategy
+    try:
+        yield
+    finally:
+        module.strategy = saved
+
+
+def bench_case(providers, case, modes, reps, iters, clock, device):
     """Median seconds per (provider, mode), and peak memory of fwdbwd on CUDA."""
     times = {(p[0], mode): [] for p in providers for mode in modes}
     peak = {}
-    fns = {p[0]: forward_fn(*p, case) for p in providers}
+    fns = {p[0]: forward_fn(p[0], p[1], case) for p in providers}
+    strategies = {p[0]: (p[1], p[2]) for p in providers}
     grads = ["x", "experts", "beta", "bias", "weight", "dense_bias"]
 
     def clear():
@@ -125,13 +130,27 @@ def bench_case(providers, case, modes, reps, clock, device):
             case[k].grad = None
 
     def one(label, mode):
+        """Seconds per call, from `iters` calls issued back to back (on a GPU the host runs ahead,
+        so this is the throughput a training loop sees)."""
         fwd = fns[label]
-        if mode == "fwd":
-            return clock(fwd)
-        if mode == "fwdbwd":
-            return clock(lambda: fwd().backward(case["dy"]))
-        y = fwd()
-        return clock(lambda: y.backward(case["dy"]))
+
+        def fwdbwd():
+            for _ in range(iters):
+                fwd().backward(case["dy"])
+                clear()
+
+        with strategy_of(*strategies[label]):
+            if mode == "fwd":
+                return clock(lambda: [fwd() for _ in range(iters)]) / iters
+            if mode == "fwdbwd":
+                return clock(fwdbwd) / iters
+            outputs = [fwd() for _ in range(iters)]
+
+            def bwd():
+                for y in outputs:
+                    y.backward(case["dy"])
+                    clear()
+            return clock(bwd) / iters
 
     for label in fns:  # warm-up: compilation, autotuning, allocator
         for mode in modes:
@@ -148,7 +167,8 @@ def bench_case(providers, case, modes, reps, clock, device):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fns[label]().backward(case["dy"])
+            with strategy_of(*strategies[label]):
+                fns[label]().backward(case["dy"])
             torch.cuda.synchronize()
             peak[label] = torch.cuda.max_memory_allocated() - base
             clear()
@@ -183,6 +203,7 @@ def environment(device):
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
+    commit = commit or os.environ.get("MOS_COMMIT", "")  # a copied tree without .git
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -227,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"],
                     choices=["fwd", "bwd", "fwdbwd"])
     ap.add_argument("--reps", type=int, default=None, help="default 7 on CPU, 50 on CUDA")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="calls per timed sample, issued back to back (default 1 on CPU, 20 on "
+                         "CUDA, where one call's host work would otherwise be what is timed)")
     ap.add_argument("--strategies", action="store_true",
                     help="also time each strategy of a fused backend")
     ap.add_argument("--no-eval-cache", action="store_true")
@@ -237,6 +261,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     reps = args.reps or (50 if device.type == "cuda" else 7)
+    iters = args.iters or (20 if device.type == "cuda" else 1)
     clock = Clock(device)
     random.seed(0)
     fused = fused_providers(device, args.strategies)
@@ -248,6 +273,15 @@ def main(argv=None):
     print(f"# {env['device']} | {env['date']} | commit {env['commit']} | torch {env['torch']} | "
           f"{env['threads']} threads | {dtype} | auto -> {mos_kernels.resolve_backend('auto', device)}")
 
+    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                      f"op_{device.type}")
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+
+    def save(eval_rows=()):
+        with open(prefix + ".json", "w") as f:
+            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, iters=iters, results=results,
+                           eval_cache=list(eval_rows), command=" ".join(sys.argv)), f, indent=1)
+
     results = []
     head = f"{'shape':10} {'T':>6} {'m':>2} {'mode':6} " + " ".join(f"{p[0]:>14}" for p in providers)
     head += "".join(f" {f + ' f/d':>12} {'n/' + f:>10}" for f in primary)
@@ -256,7 +290,7 @@ def main(argv=None):
         for tokens in args.tokens:
             for m in args.experts:
                 case = make_case(SHAPES[name], tokens, m, dtype, device)
-                med, peak = bench_case(providers, case, args.modes, reps, clock, device)
+                med, peak = bench_case(providers, case, args.modes, reps, iters, clock, device)
                 for mode in args.modes:
                     row = dict(shape=name, dims=SHAPES[name], tokens=tokens, m=m, mode=mode,
                                median_s={p[0]: med[(p[0], mode)] for p in providers}, ratios={})
@@ -267,6 +301,7 @@ def main(argv=None):
                     if peak and mode == "fwdbwd":
                         row["peak_bytes"] = peak
                     results.append(row)
+                    save()
                     line = f"{name:10} {tokens:>6} {m:>2} {mode:6} " + " ".join(
                         f"{1e3 * med[(p[0], mode)]:>14.3f}" for p in providers)
                     line += "".join(f" {row['ratios'][f]['fused_over_dense']:>12.3f} "
@@ -285,12 +320,7 @@ def main(argv=None):
             print(f"{r['shape']:10} T={r['tokens']:>6}  mos {1e3 * r['mos_eval_s']:.3f}  "
                   f"linear {1e3 * r['linear_s']:.3f}  ratio {r['ratio']:.3f}")
 
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"op_{device.type}")
-    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-        json.dump(dict(environment=env, dtype=str(dtype), reps=reps, results=results,
-                       eval_cache=eval_rows, command=" ".join(sys.argv)), f, indent=1)
+    save(eval_rows)
     plot(results, primary[0], prefix + ".png")
     print(f"\nwrote {prefix}.json and {prefix}.png")
 

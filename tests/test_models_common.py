@@ -3,7 +3,6 @@ import io
 import os
 import random
 import socket
-import sys
 
 import pytest
 import torch

@@ -1,5 +1,592 @@
-"""Triton kernels: not written yet (issue 3)."""
+"""Triton kernels for CUDA tensors (sm_80 and newer), and for CPU tensors under TRITON_INTERPRET=1.
+
+Two strategies, picked per call by the module attribute ``strategy``:
+
+- "onepass": y = x @ W_a^T + b_a and dx = dy @ W_a by one GEMM kernel each, whose weight-tile load
+  combines the m expert tiles with beta in fp32 registers before the dot product; W_a never exists
+  in memory. The weight gradient is one kernel computing G = dy^T x tile by tile over the tokens,
+  which writes the m slices of dexperts, the row sums s = sum_t dy and per-tile dbeta partials
+  from its epilogue.
+- "combine": one pass writes W_a (n_out, n_in) (and the mixed bias), then torch (cuBLAS) runs the
+  GEMMs; G = dy^T x by torch.mm too (in the input dtype), then the same epilogue kernel reads G
+  instead of computing it. Meant for large token counts: the one-pass kernels recombine each
+  weight tile once per token tile, on the CUDA cores, while combine does it once.
+- "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on.
+Set ``triton_backend.strategy`` to force one (the op benchmark does, to show the crossover).
+
+dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
+a fixed order (no float atomics), so gradients are bit-identical from run to run for a given tile
+configuration (and, for "combine", as deterministic as cuBLAS is). The autotuner picks the tile
+configuration by timing, once per shape key (sizes bucketed to powers of two) and process; small
+problems and the interpreter use one fixed configuration.
+
+Precision: fp16 and bf16 inputs are combined and accumulated in fp32; the combined weight tile is
+rounded to the input dtype for the tensor-core dot. fp64 inputs use fp64 throughout. fp32 inputs
+follow torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot products, as
+cuBLAS does), so both strategies round alike; with TF32 allowed both use TF32 tensor cores.
+"""
+import contextlib
+import os
+
+import torch
+
+STRATEGIES = ("onepass", "combine")
+strategy = "auto"
+# "auto" switches to combine-then-GEMM at this many tokens (rows of x). From the first H100 run
+# of benchmarks/bench_op.py (bf16, m = 2 and 6, forward + backward medians): one-pass was ahead
+# at every T <= 8192 (mt-ffn1, bert-ffn2); at T = 16384 combine was ahead for bert-ffn2 and
+# one-pass for mt-ffn1. Most of those timings were bound by host overhead, so recalibrate on
+# GPU-bound timings (larger T, or device time from the profiler).
+COMBINE_MIN_TOKENS = 16384
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as exc:  # noqa: BLE001  a missing or broken triton only disables this backend
+    triton = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+# Triton decides at kernel definition time whether kernels are interpreted on the CPU.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason(device):
-    return "the Triton backend is not implemented yet"
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return f"triton is not importable: {_IMPORT_ERROR}"
+    if device.type == "cpu":
+        if _INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return ("it runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before "
+                "mos_kernels loads its Triton kernels")
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors, got a tensor on {device}"
+    if torch.version.hip is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the Triton kernels need sm_80 or newer, this GPU is sm_{major}{minor}"
+    return None
+
+
+def choose_strategy(tokens: int, n_out: int, n_in: int, num_experts: int) -> str:
+    """The strategy a call runs: ``strategy`` when it names one, else the shape rule of "auto"."""
+    if strategy in STRATEGIES:
+        return strategy
+    if strategy != "auto":
+        raise ValueError(f"triton_backend.strategy must be 'auto' or one of {STRATEGIES}, "
+                         f"got {strategy!r}")
+    return "combine" if tokens >= COMBINE_MIN_TOKENS else "onepass"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mixed(E_ptrs, stride_ei, Beta_ptrs, stride_bi, e_mask, beta_mask, M: tl.constexpr,
+               ACC: tl.constexpr):
+        """sum_i beta[., i] * E[i, ., .] over one tile in ACC precision; the beta pointers
+        broadcast against the expert pointers. Pointers advance per expert, so no i * stride
+        product can overflow int32."""
+        w = tl.load(Beta_ptrs, mask=beta_mask, other=0.0).to(ACC) * \
+            tl.load(E_ptrs, mask=e_mask, other=0.0).to(ACC)
+        for _ in tl.static_range(1, M):
+            E_ptrs += stride_ei
+            Beta_ptrs += stride_bi
+            w += tl.load(Beta_ptrs, mask=beta_mask, other=0.0).to(ACC) * \
+                tl.load(E_ptrs, mask=e_mask, other=0.0).to(ACC)
+        return w
+
+    @triton.jit
+    def _grouped_tile(rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      GROUP: tl.constexpr):
+        """(row tile, column tile) of this program; GROUP row tiles run next to each other so
+        that the weight tiles they share stay in L2."""
+        pid = tl.program_id(0)
+        n_r = tl.cdiv(rows, BLOCK_R)
+        n_c = tl.cdiv(cols, BLOCK_C)
+        per_group = GROUP * n_c
+        first = (pid // per_group) * GROUP
+        size = tl.minimum(n_r - first, GROUP)
+        return first + (pid % per_group) % size, (pid % per_group) // size
+
+    # Arguments that do not shape the hot loop's memory accesses are not specialised on (Triton
+    # would otherwise compile a variant per divisibility-by-16 or == 1 of each): the autotuning
+    # keys, the token count (masks across rows only), beta's and the bias' strides (a handful of
+    # scalar-per-row loads), the bias kind. Far fewer compiles for the same machine code.
+    _SMALL_LOADS = ["stride_bo", "stride_bi", "stride_bias0", "stride_bias1"]
+    _KEYS = ["T_KEY", "N_KEY", "K_KEY"]
+
+    @triton.jit(do_not_specialize=["T", "bias_kind"] + _SMALL_LOADS + _KEYS)
+    def _forward_kernel(X, E, Beta, Bias, Y, T, n_out, n_in,
+                        stride_xt, stride_xk, stride_e0, stride_e1, stride_e2,
+                        stride_bo, stride_bi, stride_bias0, stride_bias1, stride_yt, bias_kind,
+                        T_KEY, N_KEY, K_KEY, M: tl.constexpr,
+                        ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP: tl.constexpr):
+        """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o]; bias_kind 0 none, 1 shared, 2 per expert."""
+        pid_t, pid_n = _grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < T
+        col_ok = cols < n_out
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        x_rows = X + rows64[:, None] * stride_xt
+        e_cols = E + cols64[None, :] * stride_e1
+        beta_cols = Beta + cols64[None, :] * stride_bo
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+        for k0 in range(0, n_in, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < n_in
+            ks64 = ks.to(tl.int64)
+            x = tl.load(x_rows + ks64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w_t = _mixed(e_cols + ks64[:, None] * stride_e2, stride_e0, beta_cols, stride_bi,
+                         k_ok[:, None] & col_ok[None, :], col_ok[None, :], M, ACC)  # (K, N)
+            acc = tl.dot(x.to(DOT), w_t.to(DOT), acc, input_precision=PRECISION)
+        if bias_kind == 1:
+            acc += tl.load(Bias + cols64 * stride_bias1, mask=col_ok, other=0.0).to(ACC)[None, :]
+        if bias_kind == 2:
+            acc += _mixed(Bias + cols64 * stride_bias1, stride_bias0, Beta + cols64 * stride_bo,
+                          stride_bi, col_ok, col_ok, M, ACC)[None, :]
+        tl.store(Y + rows64[:, None] * stride_yt + cols64[None, :],
+                 acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit(do_not_specialize=["T", "stride_bo", "stride_bi"] + _KEYS)
+    def _grad_input_kernel(DY, E, Beta, DX, T, n_out, n_in,
+                           stride_dyt, stride_dyo, stride_e0, stride_e1, stride_e2,
+                           stride_bo, stride_bi, stride_dxt,
+                           T_KEY, N_KEY, K_KEY, M: tl.constexpr, ACC: tl.constexpr,
+                           DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        """dx[t, k] = sum_o dy[t, o] W_a[o, k]; the loop runs over the output features o."""
+        pid_t, pid_k = _grouped_tile(T, n_in, BLOCK_T, BLOCK_K, GROUP)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_ok = rows < T
+        k_ok = ks < n_in
+        rows64 = rows.to(tl.int64)
+        ks64 = ks.to(tl.int64)
+        dy_rows = DY + rows64[:, None] * stride_dyt
+        e_cols = E + ks64[None, :] * stride_e2
+        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=ACC)
+        for o0 in range(0, n_out, BLOCK_N):
+            os_ = o0 + tl.arange(0, BLOCK_N)
+            o_ok = os_ < n_out
+            os64 = os_.to(tl.int64)
+            dy = tl.load(dy_rows + os64[None, :] * stride_dyo, mask=row_ok[:, None] & o_ok[None, :],
+                         other=0.0)
+            w = _mixed(e_cols + os64[:, None] * stride_e1, stride_e0,
+                       Beta + os64[:, None] * stride_bo, stride_bi,
+                       o_ok[:, None] & k_ok[None, :], o_ok[:, None], M, ACC)  # (N, K)
+            acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+        tl.store(DX + rows64[:, None] * stride_dxt + ks64[None, :], acc.to(DX.dtype.element_ty),
+                 mask=row_ok[:, None] & k_ok[None, :])
+
+    _WANTS = ["want_de", "want_parts", "want_s"]
+
+    @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _WANTS + _KEYS)
+    def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, T, n_out, n_in, N_max, K_max,
+                            stride_dyt, stride_dyo, stride_xt, stride_xk, stride_go, stride_gk,
+                            stride_e0, stride_e1, stride_e2, stride_bo, stride_bi, stride_de0,
+                            want_de, want_parts, want_s, T_KEY, N_KEY, K_KEY, M: tl.constexpr,
+                            ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                            FROM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+        """One (o, k) tile of G = dy^T x (or of a given G), then in the epilogue:
+        dE[i, o, k] = beta[o, i] G[o, k] for every expert over the whole (N_max, K_max) grid
+        (exactly zero outside the slice), Parts[pid_k, o, i] = sum_k G[o, k] E[i, o, k] over
+        this tile, and (tiles with pid_k == 0) s[o] = sum_t dy[t, o]. The want_* flags are
+        runtime values: one compiled kernel serves every combination of needed gradients."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        os_ = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_ok = os_ < n_out
+        k_ok = ks < n_in
+        os64 = os_.to(tl.int64)
+        ks64 = ks.to(tl.int64)
+        in_slice = (pid_n * BLOCK_N < n_out) & (pid_k * BLOCK_K < n_in)
+        if FROM_G:
+            acc = tl.load(G + os64[:, None] * stride_go + ks64[None, :] * stride_gk,
+                          mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+            s = tl.zeros((BLOCK_N,), dtype=ACC)
+            dy_cols = DY + os64[:, None] * stride_dyo
+            x_cols = X + ks64[None, :] * stride_xk
+            t_stop = in_slice.to(tl.int32) * T  # tiles outside the slice only write zeros
+            sum_rows = (want_s != 0) & (pid_k == 0)
+            for t0 in range(0, t_stop, BLOCK_T):
+                ts = t0 + tl.arange(0, BLOCK_T)
+                t_ok = ts < T
+                ts64 = ts.to(tl.int64)
+                dy_t = tl.load(dy_cols + ts64[None, :] * stride_dyt,
+                               mask=o_ok[:, None] & t_ok[None, :], other=0.0)  # (N, T)
+                x = tl.load(x_cols + ts64[:, None] * stride_xt,
+                            mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # (T, K)
+                acc = tl.dot(dy_t.to(DOT), x.to(DOT), acc, input_precision=PRECISION)
+                if sum_rows:
+                    s += tl.sum(dy_t.to(ACC), axis=1)
+            if sum_rows:
+                tl.store(S + os64, s, mask=o_ok)
+        if want_de != 0:
+            de_ptrs = DE + os64[:, None] * K_max + ks64[None, :]
+            de_mask = (os_ < N_max)[:, None] & (ks < K_max)[None, :]
+            beta_ptrs = Beta + os64 * stride_bo
+            for _ in tl.static_range(M):
+                b = tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)
+                tl.store(de_ptrs, (b[:, None] * acc).to(DE.dtype.element_ty), mask=de_mask)
+                de_ptrs += stride_de0
+                beta_ptrs += stride_bi
+        if (want_parts != 0) & in_slice:
+            e_ptrs = E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2
+            part_ptrs = Parts + (pid_k.to(tl.int64) * n_out + os64) * M
+            for _ in tl.static_range(M):
+                e = tl.load(e_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+                tl.store(part_ptrs, tl.sum(acc * e, axis=1), mask=o_ok)
+                e_ptrs += stride_e0
+                part_ptrs += 1
+
+    @triton.jit(do_not_specialize=["n_parts", "n_out", "N_max", "bias_kind", "want_dbeta",
+                                   "want_dbias"] + _SMALL_LOADS)
+    def _beta_bias_grad_kernel(Parts, S, Beta, Bias, DBeta, DBias, n_parts, n_out, N_max,
+                               stride_bo, stride_bi, stride_bias0, stride_bias1, bias_kind,
+                               want_dbeta, want_dbias, M: tl.constexpr, ACC: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        """dbeta[o, i] = sum over k tiles p, in order, of Parts[p, o, i], plus s[o] bias[i, o]
+        for a per-expert bias; dbias = beta[o, i] s[o] (per expert) or s[o] (shared), zero for
+        rows n_out <= o < N_max."""
+        os_ = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        o_ok = os_ < n_out
+        os64 = os_.to(tl.int64)
+        s = tl.load(S + os64, mask=o_ok, other=0.0)
+        beta_ptrs = Beta + os64 * stride_bo
+        bias_ptrs = Bias + os64 * stride_bias1
+        for i in tl.static_range(M):
+            if want_dbeta != 0:
+                total = tl.zeros((BLOCK,), dtype=ACC)
+                for p in range(0, n_parts):
+                    total += tl.load(Parts + (p * n_out + os64) * M + i, mask=o_ok, other=0.0)
+                if bias_kind == 2:
+                    total += s * tl.load(bias_ptrs, mask=o_ok, other=0.0).to(ACC)
+                tl.store(DBeta + os64 * M + i, total.to(DBeta.dtype.element_ty), mask=o_ok)
+            if (want_dbias != 0) & (bias_kind == 2):
+                b = tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)
+                tl.store(DBias + i * N_max + os64, (b * s).to(DBias.dtype.element_ty),
+                         mask=os_ < N_max)
+            beta_ptrs += stride_bi
+            bias_ptrs += stride_bias0
+        if (want_dbias != 0) & (bias_kind == 1):
+            tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
+
+    @triton.jit(do_not_specialize=_SMALL_LOADS + ["bias_kind", "N_KEY", "K_KEY"])
+    def _combine_kernel(E, Beta, Bias, W, MixedBias, n_out, n_in,
+                        stride_e0, stride_e1, stride_e2, stride_bo, stride_bi,
+                        stride_bias0, stride_bias1, bias_kind, N_KEY, K_KEY, M: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W_a (n_out, n_in) contiguous, and b_a for a per-expert bias (tiles with pid_k == 0)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        os_ = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_ok = os_ < n_out
+        k_ok = ks < n_in
+        os64 = os_.to(tl.int64)
+        ks64 = ks.to(tl.int64)
+        mask = o_ok[:, None] & k_ok[None, :]
+        w = _mixed(E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2, stride_e0,
+                   Beta + os64[:, None] * stride_bo, stride_bi, mask, o_ok[:, None], M, ACC)
+        tl.store(W + os64[:, None] * n_in + ks64[None, :], w.to(W.dtype.element_ty), mask=mask)
+        if (bias_kind == 2) & (pid_k == 0):
+            b = _mixed(Bias + os64 * stride_bias1, stride_bias0, Beta + os64 * stride_bo,
+                       stride_bi, o_ok, o_ok, M, ACC)
+            tl.store(MixedBias + os64, b.to(MixedBias.dtype.element_ty), mask=o_ok)
+
+    # ---------------------------------------------------------------- tile configurations
+    def _config(num_warps, num_stages, **blocks):
+        return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+    # (token, output, reduction) tiles for the forward and dx GEMMs; the first is the one used
+    # for small problems.
+    _GEMM_CONFIGS = [
+        _config(4, 3, BLOCK_T=32, BLOCK_N=64, BLOCK_K=32, GROUP=8),
+        _config(4, 4, BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8),
+        _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=32, GROUP=8),
+        _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, GROUP=8),
+        _config(4, 4, BLOCK_T=128, BLOCK_N=64, BLOCK_K=32, GROUP=8),
+        _config(4, 4, BLOCK_T=64, BLOCK_N=128, BLOCK_K=32, GROUP=8),
+        _config(4, 3, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64, GROUP=8),
+        _config(4, 4, BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP=8),
+        _config(4, 2, BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP=8),
+    ]
+    # (output, input) tiles of G with a token step; the first is the one used for small problems.
+    # BLOCK_K also sets how many dbeta partials there are.
+    _WGRAD_CONFIGS = [
+        _config(4, 4, BLOCK_N=64, BLOCK_K=64, BLOCK_T=32),
+        _config(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_T=64),
+        _config(8, 4, BLOCK_N=128, BLOCK_K=128, BLOCK_T=32),
+        _config(4, 3, BLOCK_N=128, BLOCK_K=64, BLOCK_T=64),
+        _config(4, 3, BLOCK_N=64, BLOCK_K=128, BLOCK_T=64),
+        _config(4, 3, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64),
+        _config(4, 2, BLOCK_N=32, BLOCK_K=32, BLOCK_T=32),
+    ]
+    _COMBINE_CONFIGS = [
+        _config(4, 1, BLOCK_N=32, BLOCK_K=128),
+        _config(4, 1, BLOCK_N=64, BLOCK_K=64),
+        _config(8, 1, BLOCK_N=64, BLOCK_K=128),
+    ]
+    _MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _WGRAD_CONFIGS)
+    # Problems of at most this many multiply-adds (bucketed sizes) take the first config
+    # untimed: they are launch-bound, and tuning them would cost more than it saves.
+    _SMALL_PROBLEM = 2**24
+    # Under the interpreter: one config, tiles of 32 (its cost grows with the number of programs).
+    _INTERPRETER_TILES = dict(BLOCK_T=32, BLOCK_N=32, BLOCK_K=32)
+
+    def _shared_memory_budget():
+        try:
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            return int(getattr(props, "shared_memory_per_block_optin", 0)) or 99 * 1024
+        except Exception:  # noqa: BLE001
+            return 99 * 1024  # sm_86/sm_89, the smallest of the sm_80+ parts
+
+    def _pruner(shared_elements):
+        """Drop the configs whose tiles cannot fit in shared memory (the compiler would reject
+        them, after compiling); small problems then take the first config that fits, untimed."""
+        def prune(configs, named_args, **kwargs):
+            budget = _shared_memory_budget()
+            size = named_args["E"].element_size()
+            m = kwargs["M"]
+            need = lambda c: shared_elements(c.kwargs, c.num_stages, m) * size  # noqa: E731
+            fits = [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
+            if named_args["T_KEY"] * named_args["N_KEY"] * named_args["K_KEY"] <= _SMALL_PROBLEM:
+                return fits[:1]
+            return fits
+        return prune
+
+    # Elements of shared memory a config takes (an upper bound of what Triton 3.6 allocated on
+    # an H100): num_stages - 1 pipeline buffers of the loop's loads, plus the tiles that go
+    # through shared memory on the way to the dot (the combined weight) or to the stores.
+    def _gemm_shared(c, stages, m):
+        per_stage = c["BLOCK_T"] * c["BLOCK_K"] + m * c["BLOCK_N"] * c["BLOCK_K"]
+        return (stages - 1) * per_stage + c["BLOCK_T"] * c["BLOCK_K"] + c["BLOCK_N"] * c["BLOCK_K"]
+
+    def _wgrad_shared(c, stages, m):
+        per_stage = c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_K"])
+        return (stages - 1) * per_stage + 2 * c["BLOCK_N"] * c["BLOCK_K"]  # + fp32 G tile
+
+    if not _INTERPRETED:
+        _gemm_key = ["T_KEY", "N_KEY", "K_KEY", "M", "PRECISION"]
+        _forward_kernel = triton.autotune(
+            _GEMM_CONFIGS, key=_gemm_key,
+            prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_forward_kernel)
+        _grad_input_kernel = triton.autotune(
+            _GEMM_CONFIGS, key=_gemm_key,
+            prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_grad_input_kernel)
+        _weight_grad_kernel = triton.autotune(
+            _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G"] + _WANTS,
+            prune_configs_by={"early_config_prune": _pruner(_wgrad_shared)})(_weight_grad_kernel)
+        _combine_kernel = triton.autotune(_COMBINE_CONFIGS,
+                                          key=["N_KEY", "K_KEY", "M"])(_combine_kernel)
+
+
+# -------------------------------------------------------------------- launchers
+def _tiles(*names):
+    """Fixed tile sizes under the interpreter; on a GPU the autotuner supplies them."""
+    if not _INTERPRETED:
+        return {}
+    return {n: _INTERPRETER_TILES[n] for n in names}
+
+
+def _key(n):
+    """Autotuning key of a size: its power-of-two bucket, so that nearby shapes share a config."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call from the host
+    return -(-a // b)
+
+
+def _types(dtype):
+    """(accumulator, tl.dot operand) types. The interpreter multiplies bf16 as raw integers
+    (triton 3.9), so there bf16 operands go in as fp32: the same exact products."""
+    if dtype == torch.float64:
+        return tl.float64, tl.float64
+    dot = {torch.float16: tl.float16, torch.float32: tl.float32,
+           torch.bfloat16: tl.float32 if _INTERPRETED else tl.bfloat16}[dtype]
+    return tl.float32, dot
+
+
+def _tf32_allowed():
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # newer torch refuses the legacy flag once fp32_precision was set
+        return getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
+
+
+def _precision(dtype):
+    return "tf32" if dtype == torch.float32 and _tf32_allowed() else "ieee"
+
+
+def _bias_args(bias, beta):
+    """(pointer, kind, expert stride, row stride); kind 0 none, 1 shared, 2 per expert."""
+    if bias is None:
+        return beta, 0, 0, 0
+    if bias.dim() == 1:
+        return bias, 1, 0, bias.stride(0)
+    return bias, 2, bias.stride(0), bias.stride(1)
+
+
+class _Dims:
+    def __init__(self, x, experts, beta, bias):
+        # The op's contract checked shapes, dtypes and devices; these checks guard direct calls.
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"mos_linear (triton): x has dtype {x.dtype}; expected one of "
+                            f"{', '.join(map(str, _DTYPES))}")
+        if x.dim() != 2 or experts.dim() != 3 or beta.dim() != 2:
+            raise ValueError("mos_linear (triton): expected x (T, n_in), experts (m, N_max, K_max) "
+                             f"and beta (n_out, m), got {tuple(x.shape)}, {tuple(experts.shape)} "
+                             f"and {tuple(beta.shape)}")
+        self.tokens, self.n_in = x.shape
+        self.m, self.n_max, self.k_max = experts.shape
+        self.n_out = beta.shape[0]
+        if beta.shape[1] != self.m or self.n_out > self.n_max or self.n_in > self.k_max:
+            raise ValueError(f"mos_linear (triton): beta {tuple(beta.shape)} and x "
+                             f"{tuple(x.shape)} do not fit experts {tuple(experts.shape)}")
+        self.acc, self.dot = _types(x.dtype)
+        self.acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.precision = _precision(x.dtype)
+        self.strategy = choose_strategy(self.tokens, self.n_out, self.n_in, self.m)
+
+
+def _device(t):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _combine(experts, beta, bias, d):
+    """W_a (n_out, n_in) in the input dtype, and b_a (None without bias)."""
+    weight = experts.new_empty(d.n_out, d.n_in)
+    bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
+    mixed_bias = experts.new_empty(d.n_out) if bias_kind == 2 else weight
+    grid = lambda meta: (_cdiv(d.n_out, meta["BLOCK_N"]),  # noqa: E731
+                         _cdiv(d.n_in, meta["BLOCK_K"]))
+    _combine_kernel[grid](
+        experts, beta, bias_ptr, weight, mixed_bias, d.n_out, d.n_in, *experts.stride(),
+        *beta.stride(), stride_bias0, stride_bias1, bias_kind, _key(d.n_out), _key(d.n_in),
+        M=d.m, ACC=d.acc, **_tiles("BLOCK_N", "BLOCK_K"))
+    if bias_kind == 0:
+        return weight, None
+    return weight, (bias[:d.n_out] if bias_kind == 1 else mixed_bias)
+
+
+def forward(x, experts, beta, bias):
+    d = _Dims(x, experts, beta, bias)
+    with _device(x):
+        if d.strategy == "combine":
+            weight, mixed_bias = _combine(experts, beta, bias, d)
+            return torch.nn.functional.linear(x, weight, mixed_bias).contiguous()
+        y = x.new_empty(d.tokens, d.n_out)
+        if d.tokens == 0:
+            return y
+        bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
+        grid = lambda meta: (_cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
+                             * _cdiv(d.n_out, meta["BLOCK_N"]),)
+        _forward_kernel[grid](
+            x, experts, beta, bias_ptr, y, d.tokens, d.n_out, d.n_in, *x.stride(),
+            *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0), bias_kind,
+            _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m, ACC=d.acc,
+            DOT=d.dot, PRECISION=d.precision, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"),
+            **({"GROUP": 8} if _INTERPRETED else {}))
+        return y
+
+
+def _grad_input(dy, x, experts, beta, d):
+    if d.strategy == "combine":
+        return torch.mm(dy, _combine(experts, beta, None, d)[0])
+    dx = x.new_empty(d.tokens, d.n_in)
+    if d.tokens == 0:
+        return dx
+    grid = lambda meta: (_cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
+                         * _cdiv(d.n_in, meta["BLOCK_K"]),)
+    _grad_input_kernel[grid](
+        dy, experts, beta, dx, d.tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
+        *beta.stride(), dx.stride(0), _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m,
+        ACC=d.acc, DOT=d.dot, PRECISION=d.precision, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"),
+        **({"GROUP": 8} if _INTERPRETED else {}))
+    return dx
+
+
+def _row_sums(dy, d):
+    """s = sum_t dy[t] by torch, for the paths that do not read dy in the weight-gradient
+    kernel. Not dy.sum(0, dtype=float32): for half inputs that first copies dy to fp32, a
+    (T, n_out) fp32 temporary; torch's half sums accumulate in fp32 anyway and round once."""
+    return dy.sum(0).to(d.acc_torch)
+
+
+def backward(dy, x, experts, beta, bias, needs):
+    d = _Dims(x, experts, beta, bias)
+    if tuple(dy.shape) != (d.tokens, d.n_out) or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"mos_linear (triton) backward: dy must be ({d.tokens}, {d.n_out}) "
+                         f"{x.dtype} on {x.device}, got {tuple(dy.shape)} {dy.dtype} on "
+                         f"{dy.device}")
+    want_dx, want_de, want_dbeta, want_dbias = (bool(n) for n in needs)
+    want_dbias = want_dbias and bias is not None
+    bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
+    want_s = want_dbias or (want_dbeta and bias_kind == 2)
+    # Gradients not asked for are distinct empty tensors (outputs of an op may not alias).
+    dx, de, dbeta, dbias = (x.new_empty(0) for _ in range(4))
+    with _device(x):
+        if want_dx:
+            dx = _grad_input(dy, x, experts, beta, d)
+        if not (want_de or want_dbeta or want_dbias):
+            return dx, de, dbeta, dbias
+
+        row_sums = dy.new_empty(d.n_out, dtype=d.acc_torch)
+        n_parts = 0
+        if want_de or want_dbeta:
+            from_g = d.strategy == "combine"
+            grad_rows = torch.mm(dy.t(), x) if from_g else dy
+            if from_g and want_s:
+                row_sums = _row_sums(dy, d)
+            if want_de:
+                de = experts.new_empty(experts.shape)
+            max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
+            parts = dy.new_empty((max_parts, d.n_out, d.m), dtype=d.acc_torch)
+            chosen = {}
+
+            def grid(meta):  # the last call is the launch itself, after any autotuning
+                chosen.update(meta)
+                return (_cdiv(d.n_max if want_de else d.n_out, meta["BLOCK_N"]),
+                        _cdiv(d.k_max if want_de else d.n_in, meta["BLOCK_K"]))
+
+            _weight_grad_kernel[grid](
+                dy, x, grad_rows, experts, beta, de if want_de else dy,
+                parts if want_dbeta else dy, row_sums, d.tokens, d.n_out, d.n_in, d.n_max,
+                d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
+                *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
+                int(want_s and not from_g), _key(d.tokens), _key(d.n_out), _key(d.n_in),
+                M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g,
+                **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
+            n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
+            assert n_parts <= max_parts
+        elif want_s:
+            row_sums = _row_sums(dy, d)
+
+        if want_dbeta or want_dbias:
+            if want_dbeta:
+                dbeta = beta.new_empty(d.n_out, d.m)
+            if want_dbias:
+                dbias = bias.new_empty(bias.shape)
+            block = 128
+            _beta_bias_grad_kernel[(_cdiv(d.n_max, block),)](
+                parts if want_dbeta else row_sums, row_sums, beta, bias_ptr,
+                dbeta if want_dbeta else row_sums, dbias if want_dbias else row_sums, n_parts,
+                d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, bias_kind,
+                int(want_dbeta), int(want_dbias), M=d.m, ACC=d.acc, BLOCK=block, num_warps=4)
+    return dx, de, dbeta, dbias

@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -110,9 +111,11 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                               find_unused_parameters=True,
-                                               broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; its replacement
+        warnings.simplefilter("ignore", FutureWarning)  # still syncs at init, which is harmless
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   find_unused_parameters=True,
+                                                   broadcast_buffers=False)
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

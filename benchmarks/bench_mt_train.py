@@ -1,0 +1,178 @@
+"""Training-step time of the MT supernet: standard weight sharing vs MoS with the naive op
+(backend="reference") vs MoS with the fused backend (backend="auto"), interleaved in one run;
+and search throughput (architectures evaluated per second, validation loss of inherited weights).
+
+A training step = zero_grad, the sandwich step (largest, smallest, one random architecture;
+forward + backward each), gradient clipping and the Adam step; the forward+backward part is
+also reported alone (the MoS models have more parameters, so their Adam step costs more). Every provider gets the same
+batches and architectures; the order of providers rotates each repetition. Reported: median
+milliseconds per step and the ratios MoS-fused / standard, MoS-naive / standard,
+MoS-naive / MoS-fused.
+
+    python benchmarks/bench_mt_train.py [--shapes tiny,small] [--kinds neuron,layer]
+                                        [--reps 10] [--device cuda] [--json OUT.json]
+"""
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mos_kernels import resolve_backend  # noqa: E402
+from mos_models.common import arch_rng, sample_archs, sandwich_step  # noqa: E402
+from mos_models.mt.config import PRESETS  # noqa: E402
+from mos_models.mt.model import MTSupernet, loss_fn  # noqa: E402
+from mos_models.mt.train import evaluate_loss  # noqa: E402
+
+# (preset, vocabulary, sentences per batch, source length, target length)
+SHAPES = {"tiny": ("tiny", 4000, 64, 18, 20),
+          "small": ("small", 8000, 64, 18, 20),
+          "full": ("full", 32000, 48, 24, 26)}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batch(vocab, batch, s_len, t_len, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, vocab, (batch, s_len), generator=gen)
+    tgt = torch.randint(4, vocab, (batch, t_len + 1), generator=gen)
+    tgt[:, 0] = 2
+    return src.to(device), tgt[:, :-1].contiguous().to(device), tgt[:, 1:].contiguous().to(device)
+
+
+def build(kind, backend, preset, vocab, device):
+    torch.manual_seed(0)
+    model = MTSupernet(vocab, PRESETS[preset].space, kind, backend=backend).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def train_step(model, opt, batch, archs, device):
+    """Returns (milliseconds of the forward+backward passes, of the whole step)."""
+    src, t_in, t_out = batch
+    synchronize(device)
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    sandwich_step(model, archs, lambda m, a: loss_fn(m(src, t_in), t_out, 0.1))
+    synchronize(device)
+    middle = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    synchronize(device)
+    end = time.perf_counter()
+    return (middle - start) * 1e3, (end - start) * 1e3
+
+
+def bench_shape(name, kinds, reps, warmup, device, search_archs, log):
+    preset, vocab, batch, s_len, t_len = SHAPES[name]
+    providers = {"standard": build("standard", "auto", preset, vocab, device)}
+    for kind in kinds:
+        providers[f"{kind}-naive"] = build(kind, "reference", preset, vocab, device)
+        providers[f"{kind}-fused"] = build(kind, "auto", preset, vocab, device)
+    fused = resolve_backend("auto", device)
+    space = providers["standard"][0].space
+    times = {p: [] for p in providers}
+    passes = {p: [] for p in providers}
+    names = list(providers)
+    for rep in range(warmup + reps):
+        batch_data = make_batch(vocab, batch, s_len, t_len, device, rep)
+        archs = sample_archs(space, arch_rng(0, rep))
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for p in order:
+            model, opt = providers[p]
+            fwd_bwd, total = train_step(model, opt, batch_data, archs, device)
+            if rep >= warmup:
+                times[p].append(total)
+                passes[p].append(fwd_bwd)
+    median = {p: statistics.median(t) for p, t in times.items()}
+    median_passes = {p: statistics.median(t) for p, t in passes.items()}
+    result = {"shape": name, "preset": preset, "vocab": vocab, "batch": batch,
+              "src_len": s_len, "tgt_len": t_len, "fused_backend": fused, "reps": reps,
+              "median_ms": median, "median_forward_backward_ms": median_passes,
+              "params": {p: sum(x.numel() for x in m.parameters())
+                         for p, (m, _) in providers.items()}}
+    ratios = {}
+    for kind in kinds:
+        ratios[f"{kind}-fused/standard"] = median[f"{kind}-fused"] / median["standard"]
+        ratios[f"{kind}-naive/standard"] = median[f"{kind}-naive"] / median["standard"]
+        ratios[f"{kind}-naive/{kind}-fused"] = median[f"{kind}-naive"] / median[f"{kind}-fused"]
+        ratios[f"{kind}-fused/standard (fwd+bwd only)"] = (median_passes[f"{kind}-fused"]
+                                                          / median_passes["standard"])
+        ratios[f"{kind}-naive/{kind}-fused (fwd+bwd only)"] = (
+            median_passes[f"{kind}-naive"] / median_passes[f"{kind}-fused"])
+    result["ratios"] = ratios
+    log(f"[{name}] batch {batch}x({s_len}+{t_len}) vocab {vocab}, fused backend {fused!r}, "
+        f"median of {reps}:")
+    for p, ms in median.items():
+        log(f"  {p:14s} {ms:9.1f} ms/step ({median_passes[p]:9.1f} ms forward+backward)")
+    for r, v in ratios.items():
+        log(f"  {r:44s} {v:6.3f}")
+
+    # search throughput: validation loss of inherited weights for distinct architectures
+    if search_archs:
+        rng = random.Random(1)
+        archs, keys = [], set()
+        while len(archs) < search_archs:
+            a = space.sample(rng)
+            if space.key(a) not in keys:
+                keys.add(space.key(a))
+                archs.append(a)
+        valid = [make_batch(vocab, batch, s_len, t_len, device, 10_000 + i) for i in range(2)]
+        src_rows = [row for b in valid for row in b[0].tolist()]
+        tgt_rows = [row + [3] for b in valid for row in b[2].tolist()]
+        batches = [list(range(i * batch, (i + 1) * batch)) for i in range(len(valid))]
+        throughput = {}
+        for p in ["standard"] + [f"{k}-fused" for k in kinds]:
+            model = providers[p][0]
+            evaluate_loss(model, batches, src_rows, tgt_rows, device, archs[0])  # warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            for a in archs:
+                evaluate_loss(model, batches, src_rows, tgt_rows, device, a)
+            synchronize(device)
+            throughput[p] = len(archs) / (time.perf_counter() - start)
+        result["search_archs_per_second"] = throughput
+        result["search_valid_sentences"] = len(src_rows)
+        log(f"  search: architectures/s on {len(src_rows)} validation sentences: " +
+            ", ".join(f"{p} {v:.2f}" for p, v in throughput.items()))
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="tiny,small")
+    ap.add_argument("--kinds", default="neuron")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--search-archs", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log(f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+           f", {torch.get_num_threads()} threads"))
+    results = [bench_shape(s, a.kinds.split(","), a.reps, a.warmup, device, a.search_archs, log)
+               for s in a.shapes.split(",")]
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
+                                            "threads": torch.get_num_threads(),
+                                            "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build with CUDA, run the GPU tests and the op benchmark, and leave
+# logs and results in $OUT (default /tmp/gpu_out).
+#   bash benchmarks/gpu_run.sh [extra bench_op.py args...]
+# TEST_SECONDS / BENCH_SECONDS cap the two parts so that a short lease still returns both.
+set -uo pipefail
+out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
+# MOS_COMMIT: the commit of the copied tree (it has no .git), recorded in the JSON.
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+
+# The system compiler: a build with another g++ than libstdc++'s crashed in TORCH_CHECK messages.
+start=$(date +%s)
+CC=${CC:-/usr/bin/gcc} CXX=${CXX:-/usr/bin/g++} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+  MAX_JOBS=16 python setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+python -c "import mos_kernels; print('backends', mos_kernels.available_backends('cuda'), 'auto ->', mos_kernels.resolve_backend('auto', 'cuda'))" | tee -a "$out/device.txt"
+
+timeout "${TEST_SECONDS:-900}" python -m pytest -q --tb=line -p no:cacheprovider tests/test_ops.py \
+  tests/test_module.py tests/test_triton.py tests/test_cuda.py > "$out/tests.log" 2>&1
+echo "tests: exit $?"; grep -E "passed|failed|error" "$out/tests.log" | tail -15
+
+timeout "${BENCH_SECONDS:-900}" python benchmarks/bench_op.py --device cuda --dtype bfloat16 \
+  --tokens 512 2048 4096 8192 16384 --modes fwd bwd fwdbwd --strategies --reps 20 --iters 20 --no-eval-cache \
+  --out "$out/op_cuda_bf16" "$@" > "$out/bench.log" 2>&1
+echo "bench: exit $?"; cat "$out/bench.log"

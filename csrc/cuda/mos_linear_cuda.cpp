@@ -1,0 +1,214 @@
+// CUDA implementation of the extension ops mos_kernels_ext::forward and ::backward (schema in
+// csrc/mos_linear_cpu.cpp): checks, allocation, device guard, stream and dtype plumbing around the
+// launchers of mos_linear_kernels.h. Same semantics as the CPU kernels.
+//
+// Two strategies (MOS_CUDA_STRATEGY=fused|gemm picks one per call, for tests and benchmarks):
+//   gemm:  W_a combined once by a small kernel, then the vendor GEMM (cuBLAS through at::mm) for y
+//          and dx, and G = dy^T x by cuBLAS followed by the expert-gradient epilogue kernel;
+//   fused: the one-pass kernels (W_a combined tile by tile on chip, never stored; G = dy^T x tiled
+//          with the expert-gradient epilogue in the same kernel).
+// The default is gemm: on an H100 it was faster for every benchmark shape and token count (512 to
+// 16384; benchmarks/roofline.py --measure), the fused kernels being latency-bound (one stage of
+// register prefetch, one block per SM). Neither strategy stores an (m, N, K) temporary.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+
+#include "mos_linear_kernels.h"
+
+namespace mos {
+namespace {
+
+using at::Tensor;
+
+struct Dims {
+  int64_t tokens, n_out, n_in, m, n_max, k_max;
+};
+
+Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
+           const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda(), "mos_linear (cuda): x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(experts.device() == x.device() && beta.device() == x.device(),
+              "mos_linear (cuda): x, experts and beta must be on one device, got ", x.device(),
+              ", ", experts.device(), " and ", beta.device());
+  TORCH_CHECK(x.dim() == 2, "mos_linear (cuda): x must be (T, n_in), got ", x.sizes());
+  TORCH_CHECK(experts.dim() == 3, "mos_linear (cuda): experts must be (m, N_max, K_max), got ",
+              experts.sizes());
+  TORCH_CHECK(beta.dim() == 2, "mos_linear (cuda): beta must be (n_out, m), got ", beta.sizes());
+  const Dims d{x.size(0), beta.size(0), x.size(1), experts.size(0), experts.size(1),
+               experts.size(2)};
+  TORCH_CHECK(beta.size(1) == d.m, "mos_linear (cuda): beta must have m = ", d.m,
+              " columns, got ", beta.sizes());
+  TORCH_CHECK(d.n_in <= d.k_max && d.n_out <= d.n_max, "mos_linear (cuda): active slice (",
+              d.n_out, ", ", d.n_in, ") exceeds experts ", experts.sizes());
+  TORCH_CHECK(x.scalar_type() == experts.scalar_type() && x.scalar_type() == beta.scalar_type(),
+              "mos_linear (cuda): x, experts and beta must share one dtype, got ",
+              x.scalar_type(), ", ", experts.scalar_type(), " and ", beta.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device(), "mos_linear (cuda): bias must be on ", x.device(),
+                ", got ", bias->device());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "mos_linear (cuda): bias dtype ",
+                bias->scalar_type(), " must match x's ", x.scalar_type());
+    TORCH_CHECK((bias->dim() == 1 && bias->size(0) == d.n_max) ||
+                    (bias->dim() == 2 && bias->size(0) == d.m && bias->size(1) == d.n_max),
+                "mos_linear (cuda): bias must be (N_max,) or (m, N_max), got ", bias->sizes());
+  }
+  return d;
+}
+
+mos_cuda::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return mos_cuda::DType::kFloat16;
+    case at::kBFloat16: return mos_cuda::DType::kBFloat16;
+    case at::kFloat: return mos_cuda::DType::kFloat32;
+    case at::kDouble: return mos_cuda::DType::kFloat64;
+    default: break;
+  }
+  TORCH_CHECK(false, "mos_linear (cuda): dtype ", t.scalar_type(),
+              " is not supported; expected float16, bfloat16, float32 or float64");
+  return mos_cuda::DType::kFloat32;  // not reached
+}
+
+// Tensor cores: fp16 WMMA needs sm_70, bf16 WMMA sm_80.
+void check_device_supports(const Tensor& x) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        x.get_device()));
+  TORCH_CHECK(x.scalar_type() != at::kBFloat16 || major >= 8,
+              "mos_linear (cuda): bfloat16 needs a GPU of compute capability 8.0 or newer (this "
+              "one is ", major, ".x); use float16 or float32");
+  TORCH_CHECK(x.scalar_type() != at::kHalf || major >= 7,
+              "mos_linear (cuda): float16 needs a GPU of compute capability 7.0 or newer (this "
+              "one is ", major, ".x); use float32");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "mos_linear (cuda): ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+mos_cuda::Matrix matrix_of(const Tensor& t) {
+  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+mos_cuda::Mixture mixture_of(const Tensor& experts, const Tensor& beta, const Dims& d) {
+  return {experts.data_ptr(), d.m,          d.n_max,     d.k_max,     experts.stride(0),
+          experts.stride(1),  experts.stride(2), beta.data_ptr(), beta.stride(0), beta.stride(1),
+          d.n_out,            d.n_in};
+}
+
+mos_cuda::Bias bias_of(const c10::optional<Tensor>& bias) {
+  if (!bias.has_value()) return {nullptr, mos_cuda::BiasKind::kNone, 0, 0};
+  if (bias->dim() == 1) return {bias->data_ptr(), mos_cuda::BiasKind::kShared, 0, bias->stride(0)};
+  return {bias->data_ptr(), mos_cuda::BiasKind::kPerExpert, bias->stride(0), bias->stride(1)};
+}
+
+bool use_gemm() {
+  const char* forced = std::getenv("MOS_CUDA_STRATEGY");
+  if (forced == nullptr || std::strcmp(forced, "gemm") == 0) return true;
+  TORCH_CHECK(std::strcmp(forced, "fused") == 0,
+              "mos_linear (cuda): MOS_CUDA_STRATEGY must be 'gemm' or 'fused', got '", forced, "'");
+  return false;
+}
+
+// W_a (n_out, n_in) and, with a bias, b_a (n_out,), combined once.
+std::pair<Tensor, Tensor> combined(const Tensor& experts, const Tensor& beta,
+                                   const c10::optional<Tensor>& bias, const Dims& d,
+                                   cudaStream_t stream) {
+  Tensor weight = at::empty({d.n_out, d.n_in}, experts.options());
+  Tensor mixed_bias = bias.has_value() ? at::empty({d.n_out}, experts.options()) : Tensor();
+  check_launch(mos_cuda::combine(dtype_of(experts), mixture_of(experts, beta, d), bias_of(bias),
+                                 weight.data_ptr(),
+                                 mixed_bias.defined() ? mixed_bias.data_ptr() : nullptr, stream),
+               "combine");
+  return {weight, mixed_bias};
+}
+
+Tensor forward_cuda(const Tensor& x, const Tensor& experts, const Tensor& beta,
+                    const c10::optional<Tensor>& bias) {
+  const Dims d = check(x, experts, beta, bias);
+  check_device_supports(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  if (d.tokens > 0 && use_gemm()) {
+    auto [weight, mixed_bias] = combined(experts, beta, bias, d, stream);
+    return mixed_bias.defined() ? at::addmm(mixed_bias, x, weight.t()) : at::mm(x, weight.t());
+  }
+  Tensor y = at::empty({d.tokens, d.n_out}, x.options());
+  check_launch(mos_cuda::forward(dtype_of(x), matrix_of(x), mixture_of(experts, beta, d),
+                                 bias_of(bias), y.data_ptr(), stream),
+               "forward kernel");
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const Tensor& x,
+                                                         const Tensor& experts, const Tensor& beta,
+                                                         const c10::optional<Tensor>& bias,
+                                                         std::array<bool, 4> needs) {
+  const Dims d = check(x, experts, beta, bias);
+  TORCH_CHECK(dy.device() == x.device() && dy.scalar_type() == x.scalar_type(),
+              "mos_linear (cuda) backward: dy must be a ", x.scalar_type(), " tensor on ",
+              x.device(), ", got ", dy.scalar_type(), " on ", dy.device());
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == d.tokens && dy.size(1) == d.n_out,
+              "mos_linear (cuda) backward: dy must be (", d.tokens, ", ", d.n_out, "), got ",
+              dy.sizes());
+  check_device_supports(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const mos_cuda::DType dtype = dtype_of(x);
+  const mos_cuda::Mixture mix = mixture_of(experts, beta, d);
+  const bool gemm = d.tokens > 0 && use_gemm();
+  const bool want_bias = needs[3] && bias.has_value();
+
+  // Gradients not asked for come back as distinct empty tensors (outputs of an op may not alias).
+  Tensor d_x = x.new_empty({0}), d_experts = x.new_empty({0}), d_beta = x.new_empty({0}),
+         d_bias = x.new_empty({0});
+  if (needs[0]) {
+    if (gemm) {
+      d_x = at::mm(dy, combined(experts, beta, c10::nullopt, d, stream).first);
+    } else {
+      d_x = at::empty({d.tokens, d.n_in}, x.options());
+      check_launch(mos_cuda::input_grad(dtype, matrix_of(dy), mix, d_x.data_ptr(), stream),
+                   "input-gradient kernel");
+    }
+  }
+  if (!(needs[1] || needs[2] || want_bias)) return {d_x, d_experts, d_beta, d_bias};
+
+  if (needs[1]) d_experts = at::empty(experts.sizes(), experts.options());
+  if (needs[2]) d_beta = at::empty({d.n_out, d.m}, beta.options());
+  if (want_bias) d_bias = at::empty(bias->sizes(), bias->options());
+  const Tensor workspace = at::empty(
+      {static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(dtype, mix))},
+      x.options().dtype(at::kByte));
+  void* d_experts_ptr = needs[1] ? d_experts.data_ptr() : nullptr;
+  void* d_beta_ptr = needs[2] ? d_beta.data_ptr() : nullptr;
+  void* d_bias_ptr = want_bias ? d_bias.data_ptr() : nullptr;
+  if (gemm && (needs[1] || needs[2])) {
+    const Tensor product = at::mm(dy.t(), x);  // G (n_out, n_in) by cuBLAS
+    check_launch(mos_cuda::weight_grad_from_product(dtype, matrix_of(product), matrix_of(dy), mix,
+                                                    bias_of(bias), d_experts_ptr, d_beta_ptr,
+                                                    d_bias_ptr, workspace.data_ptr(), stream),
+                 "weight-gradient epilogue");
+  } else {
+    check_launch(mos_cuda::weight_grad(dtype, matrix_of(dy), matrix_of(x), mix, bias_of(bias),
+                                       d_experts_ptr, d_beta_ptr, d_bias_ptr,
+                                       workspace.data_ptr(), stream),
+                 "weight-gradient kernel");
+  }
+  return {d_x, d_experts, d_beta, d_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mos_kernels_ext, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+}
+
+}  // namespace mos

@@ -1,0 +1,833 @@
+// CUDA kernels of the MoS linear op. No torch headers: the launchers at the bottom take raw
+// pointers, sizes, element strides and a stream (mos_linear_kernels.h); mos_linear_cuda.cpp binds
+// them to tensors.
+//
+//   forward      y  = x @ W_a^T + b_a   one pass: every weight tile is combined from the m expert
+//   input grad   dx = dy @ W_a          tiles with beta (in fp32) while it is loaded into shared
+//                                       memory; W_a is never written out
+//   weight grad  G  = dy^T @ x          tiled over the tokens; while a tile of G is still on chip
+//                                       the epilogue writes dE = beta * G for every expert and the
+//                                       tile's dbeta partials; a small kernel then sums those in a
+//                                       fixed order (no float atomics: bit-identical runs)
+//
+// fp16 and bf16 run on tensor cores through WMMA (16x16x16 fragments, fp32 accumulation; bf16 from
+// sm_80 on), fp32 and fp64 on plain FMA tiles. Global loads are 16 bytes wide when a matrix has
+// unit stride along its last dimension and aligned rows, element by element otherwise.
+//
+// Speed: the main loops stage one tile ahead in registers and run one 256-thread block per SM
+// (about 170-240 registers a thread), so they are bound by load latency, not by the tensor cores:
+// on an H100 they ran 3x to 70x slower than a dense cuBLAS GEMM of the same slice. A multi-stage
+// shared-memory pipeline (cp.async from sm_80 on) is the next step; until then the binding uses
+// combine() + cuBLAS + weight_grad_from_product() by default.
+#include "mos_linear_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace mos_cuda {
+namespace {
+
+using namespace nvcuda;
+
+// ------------------------------------------------------------------------------ element types
+
+template <typename T>
+constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// WMMA exists from sm_70 on, its bf16 fragments from sm_80 on. A kernel compiled for a GPU that
+// lacks them gets a body that traps; the binding never launches it there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+constexpr bool kHalfMma = false, kBfloatMma = false;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kHalfMma = true, kBfloatMma = false;
+#else
+constexpr bool kHalfMma = true, kBfloatMma = true;
+#endif
+template <typename T>
+constexpr bool kCompiled = std::is_same_v<T, __half>          ? kHalfMma
+                           : std::is_same_v<T, __nv_bfloat16> ? kBfloatMma
+                                                              : true;
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;  // accumulation type
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+template <typename T> __device__ __forceinline__ T zero() { return from_acc<T>(0.0f); }
+
+// ------------------------------------------------------------------------------ tile shapes
+
+// Forward and input grad: (kRows tokens) x (kCols outputs) per block, kDepth deep per step.
+// Weight grad: (kGradRows of n_out) x (kGradCols of n_in) per block, kGradDepth tokens per step.
+template <typename T, bool = kTensorCores<T>> struct Tiles;
+// (Enumerators rather than static members: nvcc warns of members unused where the bf16 kernels
+// are compiled out.)
+template <typename T> struct Tiles<T, true> {    // 8 warps as 2 x 4, WMMA fragments
+  enum : int { kThreads = 256, kVec = 8 };
+  enum : int { kRows = 128, kCols = 128, kDepth = 32 };
+  enum : int { kGradRows = 64, kGradCols = 128, kGradDepth = 64 };
+};
+template <typename T> struct Tiles<T, false> {   // 16 x 16 threads, 4 x 4 outputs each
+  enum : int { kThreads = 256, kVec = 16 / static_cast<int>(sizeof(T)) };
+  enum : int { kRows = 64, kCols = 64, kDepth = 16 };
+  enum : int { kGradRows = 64, kGradCols = 64, kGradDepth = 16 };
+};
+
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
+
+// ------------------------------------------------------------------------------ tile loaders
+// Both loaders stage a tile in registers (fetch: the global loads of the next tile are in flight
+// while the current one is multiplied) and then write it to shared memory (store), row-major
+// with leading dimension LD, in chunks of VEC consecutive columns. Outside the matrix: zeros.
+
+template <typename T, int ROWS, int COLS, int LD, int THREADS, int VEC>
+struct ActivationTile {
+  static constexpr int kChunksPerRow = COLS / VEC;
+  static constexpr int kPerThread = ROWS * kChunksPerRow / THREADS;
+  static_assert(COLS % VEC == 0 && ROWS * kChunksPerRow % THREADS == 0 && LD % VEC == 0,
+                "tile shape");
+  Pack<T, VEC> regs[kPerThread];
+
+  __device__ __forceinline__ void fetch(const Matrix& a, bool vectorised, int64_t row0,
+                                        int64_t col0) {
+    const T* data = static_cast<const T*>(a.data);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int chunk = threadIdx.x + j * THREADS;
+      const int64_t row = row0 + chunk / kChunksPerRow;
+      const int64_t col = col0 + chunk % kChunksPerRow * VEC;
+      const T* src = data + row * a.row_stride + col * a.col_stride;
+      if (vectorised && row < a.rows && col + VEC <= a.cols) {
+        regs[j] = *reinterpret_cast<const Pack<T, VEC>*>(src);
+      } else {
+        const int valid = row < a.rows ? static_cast<int>(min(a.cols - col, int64_t{VEC})) : 0;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) regs[j].v[v] = v < valid ? src[v * a.col_stride] : zero<T>();
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(T* smem) const {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int chunk = threadIdx.x + j * THREADS;
+      *reinterpret_cast<Pack<T, VEC>*>(smem + chunk / kChunksPerRow * LD +
+                                       chunk % kChunksPerRow * VEC) = regs[j];
+    }
+  }
+};
+
+// A tile of W_a[o, k] = sum_i beta[o, i] E[i, o, k] (rows o, columns k), summed in the
+// accumulation type over the m expert tiles, experts in order 0..m-1. fetch() only issues the
+// loads of the first kHeld experts; combine(), called after the block product, sums them and
+// loads the remaining experts two at a time, so the global loads overlap the tensor-core work
+// and at most ceil((m - kHeld) / 2) load round trips stay exposed.
+template <typename T, int ROWS, int COLS, int LD, int THREADS, int VEC>
+struct MixedWeightTile {
+  static constexpr int kChunksPerRow = COLS / VEC;
+  static constexpr int kPerThread = ROWS * kChunksPerRow / THREADS;
+  static constexpr int kHeld = 2;
+  static_assert(COLS % VEC == 0 && ROWS * kChunksPerRow % THREADS == 0 && LD % VEC == 0,
+                "tile shape");
+  Pack<T, VEC> held[kHeld][kPerThread];
+  acc_t<T> held_beta[kHeld][kPerThread];
+  Pack<T, VEC> regs[kPerThread];  // the combined tile, in T
+
+  // beta[o, i] and E[i, o, k..k+VEC) for this thread's chunk j; zeros outside the active slice.
+  __device__ __forceinline__ static void load(const Mixture& mix, bool vectorised, int64_t o0,
+                                              int64_t k0, int64_t i, int j, acc_t<T>& weight,
+                                              Pack<T, VEC>& p) {
+    const int chunk = threadIdx.x + j * THREADS;
+    const int64_t o = o0 + chunk / kChunksPerRow, k = k0 + chunk % kChunksPerRow * VEC;
+    if (o >= mix.n_out) {
+      weight = 0;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) p.v[v] = zero<T>();
+      return;
+    }
+    const T* beta = static_cast<const T*>(mix.beta);
+    const T* e = static_cast<const T*>(mix.experts) + i * mix.expert_stride + o * mix.row_stride +
+                 k * mix.col_stride;
+    weight = to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]);
+    if (vectorised && k + VEC <= mix.n_in) {
+      p = *reinterpret_cast<const Pack<T, VEC>*>(e);
+    } else {
+      const int valid = static_cast<int>(max(int64_t{0}, min(mix.n_in - k, int64_t{VEC})));
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) p.v[v] = v < valid ? e[v * mix.col_stride] : zero<T>();
+    }
+  }
+
+  __device__ __forceinline__ void fetch(const Mixture& mix, bool vectorised, int64_t o0,
+                                        int64_t k0) {
+#pragma unroll
+    for (int h = 0; h < kHeld; ++h)
+      if (h < mix.m)
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j)
+          load(mix, vectorised, o0, k0, h, j, held_beta[h][j], held[h][j]);
+  }
+
+  __device__ __forceinline__ void combine(const Mixture& mix, bool vectorised, int64_t o0,
+                                          int64_t k0) {
+    acc_t<T> sum[kPerThread][VEC];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum[j][v] = 0;
+#pragma unroll
+    for (int h = 0; h < kHeld; ++h)
+      if (h < mix.m)
+#pragma unroll
+        for (int j = 0; j < kPerThread; ++j)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) sum[j][v] += held_beta[h][j] * to_acc(held[h][j].v[v]);
+    for (int64_t i = kHeld; i < mix.m; i += 2) {
+      const bool pair = i + 1 < mix.m;
+      acc_t<T> w0[kPerThread], w1[kPerThread];
+      Pack<T, VEC> p0[kPerThread], p1[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        load(mix, vectorised, o0, k0, i, j, w0[j], p0[j]);
+        if (pair) load(mix, vectorised, o0, k0, i + 1, j, w1[j], p1[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          sum[j][v] += w0[j] * to_acc(p0[j].v[v]);
+          if (pair) sum[j][v] += w1[j] * to_acc(p1[j].v[v]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) regs[j].v[v] = from_acc<T>(sum[j][v]);
+  }
+
+  __device__ __forceinline__ void store(T* smem) const {
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int chunk = threadIdx.x + j * THREADS;
+      *reinterpret_cast<Pack<T, VEC>*>(smem + chunk / kChunksPerRow * LD +
+                                       chunk % kChunksPerRow * VEC) = regs[j];
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ block products
+// C (BM x BN) += A (BM x BK) @ B (BK x BN) from shared memory. A(row, r) is As[row * LDA + r], or
+// As[r * LDA + row] when A_COL; B(r, col) is Bs[r * LDB + col], or Bs[col * LDB + r] when B_COL.
+
+template <typename T, int BM, int BN, int BK, int LDA, int LDB, bool A_COL, bool B_COL>
+struct WmmaTile {
+  static constexpr int kWarpsM = 2, kWarpsN = 4;
+  static constexpr int kFragsM = BM / kWarpsM / 16, kFragsN = BN / kWarpsN / 16;
+  static_assert(BM % (kWarpsM * 16) == 0 && BN % (kWarpsN * 16) == 0 && BK % 16 == 0, "shape");
+  // Shared memory for_each needs.
+  static constexpr int epilogue_bytes() { return kWarpsM * kWarpsN * 256 * sizeof(float); }
+  using ALayout = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
+  using BLayout = std::conditional_t<B_COL, wmma::col_major, wmma::row_major>;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsM][kFragsN];
+  int warp_row, warp_col;  // this warp's sub-tile
+
+  __device__ __forceinline__ WmmaTile() {
+    const int warp = threadIdx.x / 32;
+    warp_row = warp / kWarpsN * (BM / kWarpsM);
+    warp_col = warp % kWarpsN * (BN / kWarpsN);
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  __device__ __forceinline__ void mma(const T* As, const T* Bs) {
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b[kFragsN];
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) {
+        const int col = warp_col + 16 * j;
+        wmma::load_matrix_sync(b[j], B_COL ? Bs + col * LDB + kk : Bs + kk * LDB + col, LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) {
+        const int row = warp_row + 16 * i;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> a;
+        wmma::load_matrix_sync(a, A_COL ? As + kk * LDA + row : As + row * LDA + kk, LDA);
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], a, b[j], acc[i][j]);
+      }
+    }
+  }
+
+  // f(row, col, value) for every element of the tile, through a 16x16 scratch per warp in smem
+  // (epilogue_bytes(); the caller has finished with its tiles there).
+  template <typename F>
+  __device__ __forceinline__ void for_each(void* smem, F&& f) {
+    float* scratch = static_cast<float*>(smem) + threadIdx.x / 32 * 256;
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) {
+        wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32)
+          f(warp_row + 16 * i + e / 16, warp_col + 16 * j + e % 16, scratch[e]);
+        __syncwarp();
+      }
+  }
+
+  // The whole tile into C (row-major, leading dimension ldc, a multiple of 4).
+  __device__ __forceinline__ void stage(float* C, int ldc) {
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j)
+        wmma::store_matrix_sync(C + (warp_row + 16 * i) * ldc + warp_col + 16 * j, acc[i][j], ldc,
+                                wmma::mem_row_major);
+  }
+};
+
+template <typename T, int BM, int BN, int BK, int LDA, int LDB, bool A_COL, bool B_COL>
+struct FmaTile {
+  static constexpr int kTM = BM / 16, kTN = BN / 16;  // outputs per thread: rows ty + 16 i, ...
+  static constexpr int epilogue_bytes() { return 0; }
+  acc_t<T> acc[kTM][kTN];
+  int ty, tx;
+
+  __device__ __forceinline__ FmaTile() : ty(threadIdx.x / 16), tx(threadIdx.x % 16) {
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) acc[i][j] = 0;
+  }
+
+  __device__ __forceinline__ void mma(const T* As, const T* Bs) {
+#pragma unroll
+    for (int r = 0; r < BK; ++r) {
+      acc_t<T> a[kTM], b[kTN];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) {
+        const int row = ty + 16 * i;
+        a[i] = to_acc(A_COL ? As[r * LDA + row] : As[row * LDA + r]);
+      }
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) {
+        const int col = tx + 16 * j;
+        b[j] = to_acc(B_COL ? Bs[col * LDB + r] : Bs[r * LDB + col]);
+      }
+#pragma unroll
+      for (int i = 0; i < kTM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTN; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+
+  template <typename F>
+  __device__ __forceinline__ void for_each(void*, F&& f) {
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) f(ty + 16 * i, tx + 16 * j, acc[i][j]);
+  }
+
+  __device__ __forceinline__ void stage(acc_t<T>* C, int ldc) {
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) C[(ty + 16 * i) * ldc + tx + 16 * j] = acc[i][j];
+  }
+};
+
+template <typename T, int BM, int BN, int BK, int LDA, int LDB, bool A_COL, bool B_COL>
+using BlockTile = std::conditional_t<kTensorCores<T>, WmmaTile<T, BM, BN, BK, LDA, LDB, A_COL, B_COL>,
+                                     FmaTile<T, BM, BN, BK, LDA, LDB, A_COL, B_COL>>;
+
+constexpr int max_of(int a, int b) { return a > b ? a : b; }
+
+// b_a[o]: the shared bias, or the per-expert biases mixed by beta; 0 past n_out or without bias.
+template <typename T>
+__device__ acc_t<T> mixed_bias(const Bias& bias, const Mixture& mix, int64_t o) {
+  if (bias.kind == BiasKind::kNone || o >= mix.n_out) return 0;
+  const T* b = static_cast<const T*>(bias.data);
+  if (bias.kind == BiasKind::kShared) return to_acc(b[o * bias.stride]);
+  const T* beta = static_cast<const T*>(mix.beta);
+  acc_t<T> total = 0;
+  for (int64_t i = 0; i < mix.m; ++i)
+    total += to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]) *
+             to_acc(b[i * bias.expert_stride + o * bias.stride]);
+  return total;
+}
+
+// ------------------------------------------------------------------------------ kernels
+
+// Forward (INPUT_GRAD false): out (tokens, n_out) = act (tokens, n_in) @ W_a^T + b_a.
+// Input grad (INPUT_GRAD true): out (tokens, n_in) = act (tokens, n_out) @ W_a.
+// Grid: x over tiles of tokens, y over tiles of output columns.
+template <typename T, bool INPUT_GRAD>
+__global__ void __launch_bounds__(256)
+    mixed_gemm_kernel(Matrix act, Mixture mix, Bias bias, T* out, bool act_vectorised,
+                      bool experts_vectorised) {
+  if constexpr (!kCompiled<T>) {
+    __trap();
+  } else {
+    using Cfg = Tiles<T>;
+    constexpr int BM = Cfg::kRows, BN = Cfg::kCols, BK = Cfg::kDepth, VEC = Cfg::kVec;
+    constexpr int THREADS = Cfg::kThreads, LDA = BK + VEC;
+    // The weight tile is kept as W_a's own (o, k) layout: rows o, columns k.
+    constexpr int W_ROWS = INPUT_GRAD ? BK : BN, W_COLS = INPUT_GRAD ? BN : BK, LDB = W_COLS + VEC;
+    using Mma = BlockTile<T, BM, BN, BK, LDA, LDB, /*A_COL=*/false, /*B_COL=*/!INPUT_GRAD>;
+    constexpr int kTileBytes = (BM * LDA + W_ROWS * LDB) * static_cast<int>(sizeof(T));
+    __shared__ __align__(128) unsigned char smem[max_of(kTileBytes, Mma::epilogue_bytes())];
+    __shared__ acc_t<T> bias_tile[BN];
+    T* As = reinterpret_cast<T*>(smem);
+    T* Bs = As + BM * LDA;
+
+    const int64_t out_cols = INPUT_GRAD ? mix.n_in : mix.n_out;
+    const int64_t depth = INPUT_GRAD ? mix.n_out : mix.n_in;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+    const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
+    if constexpr (!INPUT_GRAD)
+      for (int c = threadIdx.x; c < BN; c += THREADS) bias_tile[c] = mixed_bias<T>(bias, mix, col0 + c);
+
+    ActivationTile<T, BM, BK, LDA, THREADS, VEC> act_tile;
+    MixedWeightTile<T, W_ROWS, W_COLS, LDB, THREADS, VEC> weight_tile;
+    // The weight tile's first row o and column k for the step at depth d0.
+    auto weight_o0 = [&](int64_t d0) { return INPUT_GRAD ? d0 : col0; };
+    auto weight_k0 = [&](int64_t d0) { return INPUT_GRAD ? col0 : d0; };
+    auto fetch = [&](int64_t d0) {
+      act_tile.fetch(act, act_vectorised, row0, d0);
+      weight_tile.fetch(mix, experts_vectorised, weight_o0(d0), weight_k0(d0));
+    };
+    auto combine = [&](int64_t d0) {
+      weight_tile.combine(mix, experts_vectorised, weight_o0(d0), weight_k0(d0));
+    };
+
+    Mma mma;
+    fetch(0);
+    combine(0);
+    for (int64_t d0 = 0; d0 < depth; d0 += BK) {
+      act_tile.store(As);
+      weight_tile.store(Bs);
+      __syncthreads();
+      const bool more = d0 + BK < depth;
+      if (more) fetch(d0 + BK);  // loads in flight during the block product
+      mma.mma(As, Bs);
+      if (more) combine(d0 + BK);
+      __syncthreads();
+    }
+
+    mma.for_each(smem, [&](int r, int c, acc_t<T> value) {
+      const int64_t row = row0 + r, col = col0 + c;
+      if (row < act.rows && col < out_cols) {
+        if constexpr (!INPUT_GRAD) value += bias_tile[c];
+        out[row * out_cols + col] = from_acc<T>(value);
+      }
+    });
+  }
+}
+
+// The epilogue of the weight gradient for one (BM x BN) tile of G staged in C: row o of the tile,
+// for each expert i, dE[i, o, k] = beta[o, i] G[o, k] for the tile's k, and the tile's share of
+// dbeta[o, i] = sum_k G[o, k] E[i, o, k], summed by one warp in a fixed order, written to
+// partials[k_tile, o, i].
+template <typename T, int BM, int BN, int LDC, int THREADS>
+__device__ void expert_grad_epilogue(const acc_t<T>* C, const Mixture& mix, T* d_experts,
+                                     acc_t<T>* partials, bool want_beta, int64_t o0, int64_t k0,
+                                     int64_t k_tile) {
+  const T* experts = static_cast<const T*>(mix.experts);
+  const T* beta = static_cast<const T*>(mix.beta);
+  const int lane = threadIdx.x % 32;
+  for (int r = threadIdx.x / 32; r < BM; r += THREADS / 32) {
+    const int64_t o = o0 + r;
+    if (o >= mix.n_out) break;  // the same for the whole warp
+    for (int64_t i = 0; i < mix.m; ++i) {
+      const acc_t<T> weight = to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]);
+      const T* e = experts + i * mix.expert_stride + o * mix.row_stride;
+      T* de = d_experts == nullptr ? nullptr : d_experts + (i * mix.n_max + o) * mix.k_max;
+      acc_t<T> part = 0;
+      for (int c = lane; c < BN; c += 32) {
+        const int64_t k = k0 + c;
+        if (k >= mix.n_in) break;
+        const acc_t<T> g = C[r * LDC + c];
+        if (de != nullptr) de[k] = from_acc<T>(weight * g);
+        if (want_beta) part += g * to_acc(e[k * mix.col_stride]);
+      }
+      if (want_beta) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2)
+          part += __shfl_xor_sync(0xffffffffu, part, offset);
+        if (lane == 0) partials[(k_tile * mix.n_out + o) * mix.m + i] = part;
+      }
+    }
+  }
+}
+
+// G = dy^T x, one (n_out tile) x (n_in tile) per block, and its epilogue. Blocks of the first
+// n_in tile also sum the columns of dy (row_sums, when not null) from the tiles they load.
+// Grid: x over tiles of n_in, y over tiles of n_out.
+template <typename T>
+__global__ void __launch_bounds__(256, 2)  // two blocks per SM: 128 registers at most
+    weight_grad_kernel(Matrix dy, Matrix x, Mixture mix, T* d_experts, acc_t<T>* partials,
+                       acc_t<T>* row_sums, bool dy_vectorised, bool x_vectorised, bool want_beta) {
+  if constexpr (!kCompiled<T>) {
+    __trap();
+  } else {
+    using Cfg = Tiles<T>;
+    constexpr int BM = Cfg::kGradRows, BN = Cfg::kGradCols, BK = Cfg::kGradDepth;
+    constexpr int VEC = Cfg::kVec, THREADS = Cfg::kThreads;
+    constexpr int LDA = BM + VEC, LDB = BN + VEC, LDC = BN + (kTensorCores<T> ? 4 : 1);
+    // A = dy^T stored as dy's own (t, o) tile, so column-major; B = x's (t, k) tile.
+    using Mma = BlockTile<T, BM, BN, BK, LDA, LDB, /*A_COL=*/true, /*B_COL=*/false>;
+    constexpr int kTileBytes = BK * (LDA + LDB) * static_cast<int>(sizeof(T));
+    constexpr int kStageBytes = BM * LDC * static_cast<int>(sizeof(acc_t<T>));
+    __shared__ __align__(128) unsigned char smem[max_of(kTileBytes, kStageBytes)];
+    T* As = reinterpret_cast<T*>(smem);
+    T* Bs = As + BK * LDA;
+
+    const int64_t o0 = static_cast<int64_t>(blockIdx.y) * BM;
+    const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BN;
+    const int64_t tokens = x.rows;
+    // Blocks of the first n_in tile sum dy's columns: THREADS / BM threads per column, each over
+    // every (THREADS / BM)-th row of the tiles, added in a fixed order at the end.
+    const bool sums = row_sums != nullptr && blockIdx.x == 0;
+    constexpr int kSumSplit = THREADS / BM;
+    static_assert(THREADS % BM == 0, "column sums");
+    __shared__ acc_t<T> sum_parts[THREADS];
+
+    ActivationTile<T, BK, BM, LDA, THREADS, VEC> dy_tile;  // rows t, columns o
+    ActivationTile<T, BK, BN, LDB, THREADS, VEC> x_tile;   // rows t, columns k
+    Mma mma;
+    acc_t<T> column_sum = 0;
+    if (tokens > 0) {
+      dy_tile.fetch(dy, dy_vectorised, 0, o0);
+      x_tile.fetch(x, x_vectorised, 0, k0);
+    }
+    for (int64_t t0 = 0; t0 < tokens; t0 += BK) {
+      dy_tile.store(As);
+      x_tile.store(Bs);
+      __syncthreads();
+      if (t0 + BK < tokens) {
+        dy_tile.fetch(dy, dy_vectorised, t0 + BK, o0);
+        x_tile.fetch(x, x_vectorised, t0 + BK, k0);
+      }
+      if (sums)
+        for (int r = threadIdx.x / BM; r < BK; r += kSumSplit)
+          column_sum += to_acc(As[r * LDA + threadIdx.x % BM]);
+      mma.mma(As, Bs);
+      __syncthreads();
+    }
+    if (sums) {  // the same for the whole block
+      sum_parts[threadIdx.x] = column_sum;
+      __syncthreads();
+      if (threadIdx.x < BM && o0 + threadIdx.x < mix.n_out) {
+        acc_t<T> total = 0;
+        for (int part = 0; part < kSumSplit; ++part) total += sum_parts[part * BM + threadIdx.x];
+        row_sums[o0 + threadIdx.x] = total;
+      }
+    }
+    if (d_experts == nullptr && !want_beta) return;
+
+    acc_t<T>* C = reinterpret_cast<acc_t<T>*>(smem);
+    mma.stage(C, LDC);
+    __syncthreads();
+    expert_grad_epilogue<T, BM, BN, LDC, THREADS>(C, mix, d_experts, partials, want_beta, o0, k0,
+                                                  blockIdx.x);
+  }
+}
+
+// The same epilogue for a product G (n_out, n_in) computed elsewhere. Same grid.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    product_grad_kernel(Matrix product, Mixture mix, T* d_experts, acc_t<T>* partials,
+                        bool want_beta) {
+  using Cfg = Tiles<T>;
+  constexpr int BM = Cfg::kGradRows, BN = Cfg::kGradCols, THREADS = Cfg::kThreads;
+  constexpr int LDC = BN + 1;
+  __shared__ acc_t<T> C[BM * LDC];
+  const T* G = static_cast<const T*>(product.data);
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BN;
+  for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+    const int64_t o = o0 + e / BN, k = k0 + e % BN;
+    C[e / BN * LDC + e % BN] = o < mix.n_out && k < mix.n_in
+                                   ? to_acc(G[o * product.row_stride + k * product.col_stride])
+                                   : acc_t<T>(0);
+  }
+  __syncthreads();
+  expert_grad_epilogue<T, BM, BN, LDC, THREADS>(C, mix, d_experts, partials, want_beta, o0, k0,
+                                                blockIdx.x);
+}
+
+// sums[c] = sum_t a[t, c], rows in a fixed order: 32 interleaved partial sums per column, added
+// in order. Block (32, 32), grid x over tiles of 32 columns.
+template <typename T>
+__global__ void column_sums_kernel(Matrix a, acc_t<T>* sums) {
+  __shared__ acc_t<T> partial[32][33];
+  const T* data = static_cast<const T*>(a.data);
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  acc_t<T> total = 0;
+  if (col < a.cols)
+    for (int64_t t = threadIdx.y; t < a.rows; t += 32)
+      total += to_acc(data[t * a.row_stride + col * a.col_stride]);
+  partial[threadIdx.y][threadIdx.x] = total;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < a.cols) {
+    total = 0;
+    for (int j = 0; j < 32; ++j) total += partial[j][threadIdx.x];
+    sums[col] = total;
+  }
+}
+
+// dbeta from the partials (fixed order over the n_in tiles) plus the bias term, and dbias; one
+// thread per row o < n_max. row_sums may be null when neither needs it.
+template <typename T>
+__global__ void finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, int64_t k_tiles,
+                              const acc_t<T>* row_sums, T* d_beta, T* d_bias) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= mix.n_max) return;
+  const bool active = o < mix.n_out;
+  const acc_t<T> s = active && row_sums != nullptr ? row_sums[o] : acc_t<T>(0);
+  const T* b = static_cast<const T*>(bias.data);
+  const T* beta = static_cast<const T*>(mix.beta);
+  for (int64_t i = 0; i < mix.m; ++i) {
+    if (d_beta != nullptr && active) {
+      acc_t<T> total = 0;
+      for (int64_t t = 0; t < k_tiles; ++t) total += partials[(t * mix.n_out + o) * mix.m + i];
+      if (bias.kind == BiasKind::kPerExpert)
+        total += s * to_acc(b[i * bias.expert_stride + o * bias.stride]);
+      d_beta[o * mix.m + i] = from_acc<T>(total);
+    }
+    if (d_bias != nullptr && bias.kind == BiasKind::kPerExpert)
+      d_bias[i * mix.n_max + o] =
+          active ? from_acc<T>(to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]) * s)
+                 : zero<T>();
+  }
+  if (d_bias != nullptr && bias.kind == BiasKind::kShared)
+    d_bias[o] = active ? from_acc<T>(s) : zero<T>();
+}
+
+// Zeros of d_experts (m, n_max, k_max) outside the active slice. Grid y over rows (i, o).
+template <typename T>
+__global__ void zero_outside_slice_kernel(T* d_experts, Mixture mix) {
+  for (int64_t row = blockIdx.y; row < mix.m * mix.n_max; row += gridDim.y) {
+    const int64_t first = row % mix.n_max < mix.n_out ? mix.n_in : 0;
+    for (int64_t k = first + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+         k < mix.k_max; k += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      d_experts[row * mix.k_max + k] = zero<T>();
+  }
+}
+
+// W_a (n_out, n_in) contiguous and, when mixed != null, b_a (n_out,). Grid y over rows o.
+template <typename T>
+__global__ void combine_kernel(Mixture mix, Bias bias, T* weight, T* mixed) {
+  const T* experts = static_cast<const T*>(mix.experts);
+  const T* beta = static_cast<const T*>(mix.beta);
+  for (int64_t o = blockIdx.y; o < mix.n_out; o += gridDim.y) {
+    for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < mix.n_in;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      acc_t<T> total = 0;
+      for (int64_t i = 0; i < mix.m; ++i)
+        total += to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]) *
+                 to_acc(experts[i * mix.expert_stride + o * mix.row_stride + k * mix.col_stride]);
+      weight[o * mix.n_in + k] = from_acc<T>(total);
+    }
+    if (mixed != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+      mixed[o] = from_acc<T>(mixed_bias<T>(bias, mix, o));
+  }
+}
+
+// ------------------------------------------------------------------------------ launchers
+
+template <typename T> struct Tag { using type = T; };
+
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: return f(Tag<__half>{});
+    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    case DType::kFloat32: return f(Tag<float>{});
+    case DType::kFloat64: return f(Tag<double>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether 16-byte loads along the last dimension are safe.
+template <typename T>
+bool vectorisable(const Matrix& a) {
+  constexpr int VEC = Tiles<T>::kVec;
+  return a.col_stride == 1 && a.row_stride % VEC == 0 && aligned(a.data);
+}
+template <typename T>
+bool vectorisable(const Mixture& mix) {
+  constexpr int VEC = Tiles<T>::kVec;
+  return mix.col_stride == 1 && mix.row_stride % VEC == 0 && mix.expert_stride % VEC == 0 &&
+         aligned(mix.experts);
+}
+
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T, bool INPUT_GRAD>
+cudaError_t launch_mixed_gemm(const Matrix& act, const Mixture& mix, const Bias& bias, void* out,
+                              cudaStream_t stream) {
+  using Cfg = Tiles<T>;
+  const int64_t row_tiles = ceil_div(act.rows, Cfg::kRows);
+  const int64_t col_tiles = ceil_div(INPUT_GRAD ? mix.n_in : mix.n_out, Cfg::kCols);
+  if (row_tiles == 0 || col_tiles == 0) return cudaSuccess;
+  if (row_tiles > INT32_MAX || col_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
+  mixed_gemm_kernel<T, INPUT_GRAD>
+      <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)), Cfg::kThreads,
+         0, stream>>>(act, mix, bias, static_cast<T*>(out), vectorisable<T>(act),
+                      vectorisable<T>(mix));
+  return cudaGetLastError();
+}
+
+int64_t grad_tile_cols(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat16: return Tiles<__half>::kGradCols;
+    case DType::kBFloat16: return Tiles<__nv_bfloat16>::kGradCols;
+    case DType::kFloat32: return Tiles<float>::kGradCols;
+    case DType::kFloat64: return Tiles<double>::kGradCols;
+  }
+  return 1;
+}
+
+// Everything of the weight gradient but the product itself: zeros outside the slice, row sums
+// when no fused product kernel computed them, and the final dbeta/dbias kernel. `product` runs
+// the product-and-epilogue kernel; it receives whether it must also compute the row sums.
+template <typename T, typename Product>
+cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias& bias,
+                               void* d_experts, void* d_beta, void* d_bias, void* workspace,
+                               cudaStream_t stream, bool product_sums_rows, Product&& product) {
+  using Cfg = Tiles<T>;
+  const int64_t k_tiles = ceil_div(mix.n_in, Cfg::kGradCols);
+  const int64_t o_tiles = ceil_div(mix.n_out, Cfg::kGradRows);
+  if (k_tiles > INT32_MAX || o_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
+  acc_t<T>* partials = static_cast<acc_t<T>*>(workspace);
+  acc_t<T>* row_sums = partials + k_tiles * mix.n_out * mix.m;
+  const bool want_sums =
+      d_bias != nullptr || (d_beta != nullptr && bias.kind == BiasKind::kPerExpert);
+  const bool want_product = d_experts != nullptr || d_beta != nullptr;
+
+  if (d_experts != nullptr && (mix.n_out < mix.n_max || mix.n_in < mix.k_max)) {
+    const int64_t rows = mix.m * mix.n_max;
+    const dim3 grid(static_cast<unsigned>(ceil_div(mix.k_max, 256) < 8 ? ceil_div(mix.k_max, 256) : 8),
+                    static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
+    zero_outside_slice_kernel<T><<<grid, 256, 0, stream>>>(static_cast<T*>(d_experts), mix);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  if (want_product) {
+    const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(o_tiles));
+    product(grid, partials, want_sums && product_sums_rows ? row_sums : nullptr);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  if (want_sums && !(want_product && product_sums_rows)) {
+    column_sums_kernel<T><<<static_cast<unsigned>(ceil_div(dy.cols, 32)), dim3(32, 32), 0, stream>>>(
+        dy, row_sums);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  if (d_beta != nullptr || d_bias != nullptr) {
+    finish_kernel<T><<<static_cast<unsigned>(ceil_div(mix.n_max, 256)), 256, 0, stream>>>(
+        mix, bias, partials, k_tiles, want_sums ? row_sums : nullptr, static_cast<T*>(d_beta),
+        static_cast<T*>(d_bias));
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t forward(DType dtype, const Matrix& x, const Mixture& mix, const Bias& bias, void* y,
+                    cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_mixed_gemm<T, false>(x, mix, bias, y, stream);
+  });
+}
+
+cudaError_t input_grad(DType dtype, const Matrix& dy, const Mixture& mix, void* dx,
+                       cudaStream_t stream) {
+  const Bias none{nullptr, BiasKind::kNone, 0, 0};
+  return dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_mixed_gemm<T, true>(dy, mix, none, dx, stream);
+  });
+}
+
+cudaError_t combine(DType dtype, const Mixture& mix, const Bias& bias, void* weight,
+                    void* mixed_bias, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t col_blocks = ceil_div(mix.n_in, 256);
+    const dim3 grid(static_cast<unsigned>(col_blocks < 64 ? col_blocks : 64),
+                    static_cast<unsigned>(mix.n_out < kMaxGridY ? mix.n_out : kMaxGridY));
+    combine_kernel<T><<<grid, 256, 0, stream>>>(mix, bias, static_cast<T*>(weight),
+                                                static_cast<T*>(mixed_bias));
+    return cudaGetLastError();
+  });
+}
+
+size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix) {
+  const int64_t k_tiles = ceil_div(mix.n_in, grad_tile_cols(dtype));
+  const size_t acc_bytes = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  return static_cast<size_t>(k_tiles * mix.n_out * mix.m + mix.n_out) * acc_bytes;
+}
+
+cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mixture& mix,
+                        const Bias& bias, void* d_experts, void* d_beta, void* d_bias,
+                        void* workspace, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool dy_vec = vectorisable<T>(dy), x_vec = vectorisable<T>(x);
+    return launch_weight_grad<T>(
+        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream, /*product_sums_rows=*/true,
+        [&](dim3 grid, acc_t<T>* partials, acc_t<T>* row_sums) {
+          weight_grad_kernel<T><<<grid, Tiles<T>::kThreads, 0, stream>>>(
+              dy, x, mix, static_cast<T*>(d_experts), partials, row_sums, dy_vec, x_vec,
+              d_beta != nullptr);
+        });
+  });
+}
+
+cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const Matrix& dy,
+                                     const Mixture& mix, const Bias& bias, void* d_experts,
+                                     void* d_beta, void* d_bias, void* workspace,
+                                     cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_weight_grad<T>(
+        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream, /*product_sums_rows=*/false,
+        [&](dim3 grid, acc_t<T>* partials, acc_t<T>*) {
+          product_grad_kernel<T><<<grid, Tiles<T>::kThreads, 0, stream>>>(
+              product, mix, static_cast<T*>(d_experts), partials, d_beta != nullptr);
+        });
+  });
+}
+
+}  // namespace mos_cuda
