@@ -66,6 +66,14 @@ def test_matches_float64_reference(backend, shape, config, dtype):
     check_backend(backend, shape, config, dtype)
 
 
+@pytest.mark.skipif("cpu" not in FUSED, reason="the C++ extension is not built")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", [(2, "neuron", "expert"), (3, "layer", "shared"),
+                                    (6, "neuron", "none")], ids=str)
+def test_cpu_bfloat16(shape, config):
+    check_backend("cpu", shape, config, torch.bfloat16)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("granularity", ["neuron", "layer"])
 def test_leading_dims_and_noncontiguous_x(backend, granularity):
