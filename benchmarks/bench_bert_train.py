@@ -14,15 +14,11 @@ ratios. The random architecture is fixed, so every provider runs the same three 
     python benchmarks/bench_bert_train.py --device cuda --preset full     # GPU, bfloat16
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
 
@@ -34,38 +30,9 @@ from mos_models.bert.space import PRESETS, get_space  # noqa: E402
 from mos_models.bert.train import make_optimizer  # noqa: E402
 from mos_models.common import sandwich_step, set_backend  # noqa: E402
 
+from bench_op import Clock, environment  # noqa: E402  (this folder is on sys.path)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class Clock:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn):
-        if self.cuda:
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - begin
-
-
-def environment(device):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(os.path.abspath(__file__))
-                                ).stdout.strip()
-    except OSError:
-        commit = ""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                     if line.startswith("model name")), platform.processor())
-    return dict(device=name, date=datetime.date.today().isoformat(), commit=commit,
-                torch=torch.__version__, threads=torch.get_num_threads(),
-                python=platform.python_version())
 
 
 def main(argv=None):

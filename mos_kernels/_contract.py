@@ -5,7 +5,6 @@ neuron-wise MoS or (m,) for layer-wise MoS; bias None, shared (N_max,) or per ex
 """
 from typing import NamedTuple, Optional
 
-import torch
 from torch import Tensor
 
 

@@ -7,7 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import mos_linear, resolve_backend
+from .ops import mos_linear
+
+
+@torch.no_grad()
+def linear_from(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
+    """A plain nn.Linear holding copies of ``weight`` (out, in) and ``bias`` (out,) or None."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
 
 
 class MoSLinear(nn.Module):
@@ -117,13 +128,7 @@ class MoSLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the collapsed weights of the active architecture."""
-        weight, bias = self.collapsed_weights()
-        linear = nn.Linear(self.active_in, self.active_out, bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-        return linear
+        return linear_from(*self.collapsed_weights())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

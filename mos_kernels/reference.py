@@ -5,7 +5,6 @@ Autograd keeps every temporary, which is the cost the fused backends remove.
 """
 from typing import Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

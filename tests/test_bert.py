@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mos_models.bert import data as bdata
 from mos_models.bert.__main__ import main as cli
 from mos_models.bert.export import load_exported, save_exported
-from mos_models.bert.model import BertMLM, BertSupernet, param_count
+from mos_models.bert.model import BertSupernet, param_count
 from mos_models.bert.space import (HomogeneousSpace, SuperShaperSpace, get_space,
                                    space_from_dict)
 from mos_models.bert.train import RunConfig, load_run, train

@@ -2,7 +2,6 @@
 import contextlib
 import os
 
-import torch
 
 from . import cpu_backend
 from .cpu_backend import _IMPORT_ERROR

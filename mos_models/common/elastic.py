@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mos_kernels import MoSLinear
+from mos_kernels.module import linear_from
 
 KINDS = ("standard", "neuron", "layer")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
@@ -146,13 +147,7 @@ class ElasticLinear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear (a copy) holding the active sub-layer's (collapsed) weights."""
-        weight, bias = self.collapsed_weights()
-        linear = nn.Linear(self.active_in, self.active_out, bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-        return linear
+        return linear_from(*self.collapsed_weights())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
