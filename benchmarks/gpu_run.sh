@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session in one command: build with CUDA, run the GPU tests and the op benchmark, and leave
-# logs and results in $OUT (default /tmp/gpu_out).
+# One GPU session in one command: build with CUDA, run the GPU tests, the kernel-time roofline
+# measurement and the op benchmark, and leave logs and results in $OUT (default /tmp/gpu_out).
 #   bash benchmarks/gpu_run.sh [extra bench_op.py args...]
-# TEST_SECONDS / BENCH_SECONDS cap the two parts so that a short lease still returns both.
+# TEST_SECONDS / ROOFLINE_SECONDS / BENCH_SECONDS cap the parts so that a short lease still
+# returns each of them.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
 # MOS_COMMIT: the commit of the copied tree (it has no .git), recorded in the JSON.
@@ -20,6 +21,12 @@ python -c "import mos_kernels; print('backends', mos_kernels.available_backends(
 timeout "${TEST_SECONDS:-900}" python -m pytest -q --tb=line -p no:cacheprovider tests/test_ops.py \
   tests/test_module.py tests/test_triton.py tests/test_cuda.py > "$out/tests.log" 2>&1
 echo "tests: exit $?"; grep -E "passed|failed|error" "$out/tests.log" | tail -15
+
+# Kernel time with the host overhead hidden (GPU sleep ahead of the queued calls), beside the
+# roofline model: the figures the fused/dense targets are about.
+timeout "${ROOFLINE_SECONDS:-300}" python benchmarks/roofline.py --devices H100 A100 --measure \
+  --measure-dtype bfloat16 --out "$out/roofline_measured.json" > "$out/roofline.log" 2>&1
+echo "roofline: exit $?"; grep -E "^measured" "$out/roofline.log"
 
 timeout "${BENCH_SECONDS:-900}" python benchmarks/bench_op.py --device cuda --dtype bfloat16 \
   --tokens 512 2048 4096 8192 16384 --modes fwd bwd fwdbwd --strategies --reps 20 --iters 20 --no-eval-cache \

@@ -121,9 +121,9 @@ def kernels(form, shape, tokens, m, backward):
             return [combine, Kernel("addmm", gemm, 0, T * K + NK + T * N + N)]
         return [combine, Kernel("dx = dy W_a", gemm, 0, T * N + NK + T * K),
                 Kernel("G = dy^T x", gemm, 0, T * N + T * K + NK),
-                Kernel("zero dE outside slice", 0, 0, m * (full - NK)),
                 Kernel("column sums of dy", 0, T * N, T * N),
-                Kernel("epilogue dE, dbeta", 0, 3.0 * m * NK, NK + m * NK + m * NK),
+                Kernel("epilogue dE (zeros outside the slice too), dbeta partials", 0,
+                       3.0 * m * NK, NK + m * NK + m * full),
                 Kernel("dbeta/dbias finish", 0, 0, 2 * m * N)]
     raise ValueError(form)
 

@@ -19,7 +19,12 @@
 // on an H100 they ran 3x to 70x slower than a dense cuBLAS GEMM of the same slice. A multi-stage
 // shared-memory pipeline (cp.async from sm_80 on) is the next step; until then the binding uses
 // combine() + cuBLAS + weight_grad_from_product() by default.
+//
+// combine() and weight_grad_from_product() are memory-bound: their work units live in
+// mos_linear_elementwise.cuh (16-byte accesses, no block synchronisation, tested on the CPU by
+// tests/test_cuda_emulation.py); this file wraps them in grid-stride kernels.
 #include "mos_linear_kernels.h"
+#include "mos_linear_elementwise.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,6 +39,9 @@ namespace {
 using namespace nvcuda;
 
 // ------------------------------------------------------------------------------ element types
+// (acc_t, to_acc, from_acc, zero, Pack, mixed_bias, ceil_div and dispatch come from
+// mos_linear_elementwise.cuh.)
+using namespace elementwise;
 
 template <typename T>
 constexpr bool kTensorCores = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
@@ -52,28 +60,6 @@ constexpr bool kCompiled = std::is_same_v<T, __half>          ? kHalfMma
                            : std::is_same_v<T, __nv_bfloat16> ? kBfloatMma
                                                               : true;
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;  // accumulation type
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename T, typename A>
-__device__ __forceinline__ T from_acc(A v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return static_cast<T>(v);
-  }
-}
-
-template <typename T> __device__ __forceinline__ T zero() { return from_acc<T>(0.0f); }
-
 // ------------------------------------------------------------------------------ tile shapes
 
 // Forward and input grad: (kRows tokens) x (kCols outputs) per block, kDepth deep per step.
@@ -91,8 +77,6 @@ template <typename T> struct Tiles<T, false> {   // 16 x 16 threads, 4 x 4 outpu
   enum : int { kRows = 64, kCols = 64, kDepth = 16 };
   enum : int { kGradRows = 64, kGradCols = 64, kGradDepth = 16 };
 };
-
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
 
 // ------------------------------------------------------------------------------ tile loaders
 // Both loaders stage a tile in registers (fetch: the global loads of the next tile are in flight
@@ -367,20 +351,6 @@ using BlockTile = std::conditional_t<kTensorCores<T>, WmmaTile<T, BM, BN, BK, LD
 
 constexpr int max_of(int a, int b) { return a > b ? a : b; }
 
-// b_a[o]: the shared bias, or the per-expert biases mixed by beta; 0 past n_out or without bias.
-template <typename T>
-__device__ acc_t<T> mixed_bias(const Bias& bias, const Mixture& mix, int64_t o) {
-  if (bias.kind == BiasKind::kNone || o >= mix.n_out) return 0;
-  const T* b = static_cast<const T*>(bias.data);
-  if (bias.kind == BiasKind::kShared) return to_acc(b[o * bias.stride]);
-  const T* beta = static_cast<const T*>(mix.beta);
-  acc_t<T> total = 0;
-  for (int64_t i = 0; i < mix.m; ++i)
-    total += to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]) *
-             to_acc(b[i * bias.expert_stride + o * bias.stride]);
-  return total;
-}
-
 // ------------------------------------------------------------------------------ kernels
 
 // Forward (INPUT_GRAD false): out (tokens, n_out) = act (tokens, n_in) @ W_a^T + b_a.
@@ -558,29 +528,6 @@ __global__ void __launch_bounds__(256, 2)  // two blocks per SM: 128 registers a
   }
 }
 
-// The same epilogue for a product G (n_out, n_in) computed elsewhere. Same grid.
-template <typename T>
-__global__ void __launch_bounds__(256)
-    product_grad_kernel(Matrix product, Mixture mix, T* d_experts, acc_t<T>* partials,
-                        bool want_beta) {
-  using Cfg = Tiles<T>;
-  constexpr int BM = Cfg::kGradRows, BN = Cfg::kGradCols, THREADS = Cfg::kThreads;
-  constexpr int LDC = BN + 1;
-  __shared__ acc_t<T> C[BM * LDC];
-  const T* G = static_cast<const T*>(product.data);
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * BM;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * BN;
-  for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
-    const int64_t o = o0 + e / BN, k = k0 + e % BN;
-    C[e / BN * LDC + e % BN] = o < mix.n_out && k < mix.n_in
-                                   ? to_acc(G[o * product.row_stride + k * product.col_stride])
-                                   : acc_t<T>(0);
-  }
-  __syncthreads();
-  expert_grad_epilogue<T, BM, BN, LDC, THREADS>(C, mix, d_experts, partials, want_beta, o0, k0,
-                                                blockIdx.x);
-}
-
 // sums[c] = sum_t a[t, c], rows in a fixed order: 32 interleaved partial sums per column, added
 // in order. Block (32, 32), grid x over tiles of 32 columns.
 template <typename T>
@@ -601,34 +548,6 @@ __global__ void column_sums_kernel(Matrix a, acc_t<T>* sums) {
   }
 }
 
-// dbeta from the partials (fixed order over the n_in tiles) plus the bias term, and dbias; one
-// thread per row o < n_max. row_sums may be null when neither needs it.
-template <typename T>
-__global__ void finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, int64_t k_tiles,
-                              const acc_t<T>* row_sums, T* d_beta, T* d_bias) {
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (o >= mix.n_max) return;
-  const bool active = o < mix.n_out;
-  const acc_t<T> s = active && row_sums != nullptr ? row_sums[o] : acc_t<T>(0);
-  const T* b = static_cast<const T*>(bias.data);
-  const T* beta = static_cast<const T*>(mix.beta);
-  for (int64_t i = 0; i < mix.m; ++i) {
-    if (d_beta != nullptr && active) {
-      acc_t<T> total = 0;
-      for (int64_t t = 0; t < k_tiles; ++t) total += partials[(t * mix.n_out + o) * mix.m + i];
-      if (bias.kind == BiasKind::kPerExpert)
-        total += s * to_acc(b[i * bias.expert_stride + o * bias.stride]);
-      d_beta[o * mix.m + i] = from_acc<T>(total);
-    }
-    if (d_bias != nullptr && bias.kind == BiasKind::kPerExpert)
-      d_bias[i * mix.n_max + o] =
-          active ? from_acc<T>(to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]) * s)
-                 : zero<T>();
-  }
-  if (d_bias != nullptr && bias.kind == BiasKind::kShared)
-    d_bias[o] = active ? from_acc<T>(s) : zero<T>();
-}
-
 // Zeros of d_experts (m, n_max, k_max) outside the active slice. Grid y over rows (i, o).
 template <typename T>
 __global__ void zero_outside_slice_kernel(T* d_experts, Mixture mix) {
@@ -640,41 +559,40 @@ __global__ void zero_outside_slice_kernel(T* d_experts, Mixture mix) {
   }
 }
 
-// W_a (n_out, n_in) contiguous and, when mixed != null, b_a (n_out,). Grid y over rows o.
+// The work units of mos_linear_elementwise.cuh, grid-stride over `units`, 256 threads a block.
+constexpr int kUnitThreads = 256;
+
+__device__ __forceinline__ int64_t first_unit() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t unit_step() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
 template <typename T>
-__global__ void combine_kernel(Mixture mix, Bias bias, T* weight, T* mixed) {
-  const T* experts = static_cast<const T*>(mix.experts);
-  const T* beta = static_cast<const T*>(mix.beta);
-  for (int64_t o = blockIdx.y; o < mix.n_out; o += gridDim.y) {
-    for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < mix.n_in;
-         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      acc_t<T> total = 0;
-      for (int64_t i = 0; i < mix.m; ++i)
-        total += to_acc(beta[o * mix.beta_row_stride + i * mix.beta_expert_stride]) *
-                 to_acc(experts[i * mix.expert_stride + o * mix.row_stride + k * mix.col_stride]);
-      weight[o * mix.n_in + k] = from_acc<T>(total);
-    }
-    if (mixed != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
-      mixed[o] = from_acc<T>(mixed_bias<T>(bias, mix, o));
-  }
+__global__ void __launch_bounds__(kUnitThreads)
+    combine_kernel(Mixture mix, Bias bias, T* weight, T* mixed, bool vectorised) {
+  const int64_t units = combine_units<T>(mix);
+  for (int64_t u = first_unit(); u < units; u += unit_step())
+    combine_unit<T>(mix, bias, weight, mixed, vectorised, u);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kUnitThreads)
+    expert_grad_kernel(Matrix product, Mixture mix, T* d_experts, acc_t<T>* partials,
+                       bool vectorised) {
+  const int64_t units = expert_grad_units<T>(mix, d_experts != nullptr);
+  for (int64_t u = first_unit(); u < units; u += unit_step())
+    expert_grad_unit<T>(product, mix, d_experts, partials, vectorised, u);
+}
+
+template <typename T>
+__global__ void finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, int64_t n_partials,
+                              const acc_t<T>* row_sums, T* d_beta, T* d_bias) {
+  finish_row<T>(mix, bias, partials, n_partials, row_sums, d_beta, d_bias, first_unit());
 }
 
 // ------------------------------------------------------------------------------ launchers
-
-template <typename T> struct Tag { using type = T; };
-
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -708,44 +626,41 @@ cudaError_t launch_mixed_gemm(const Matrix& act, const Mixture& mix, const Bias&
   return cudaGetLastError();
 }
 
-int64_t grad_tile_cols(DType dtype) {
-  switch (dtype) {
-    case DType::kFloat16: return Tiles<__half>::kGradCols;
-    case DType::kBFloat16: return Tiles<__nv_bfloat16>::kGradCols;
-    case DType::kFloat32: return Tiles<float>::kGradCols;
-    case DType::kFloat64: return Tiles<double>::kGradCols;
-  }
-  return 1;
+// Blocks for a grid-stride launch of `units` work units (at least one).
+dim3 unit_grid(int64_t units) {
+  const int64_t blocks = ceil_div(units, kUnitThreads);
+  return dim3(static_cast<unsigned>(blocks < (1 << 20) ? (blocks > 0 ? blocks : 1) : (1 << 20)));
 }
 
-// Everything of the weight gradient but the product itself: zeros outside the slice, row sums
-// when no fused product kernel computed them, and the final dbeta/dbias kernel. `product` runs
-// the product-and-epilogue kernel; it receives whether it must also compute the row sums.
+// dbeta partials per row: one per n_in tile of the fused kernel, one per unit along n_in of the
+// elementwise epilogue; the workspace holds the larger count.
+template <typename T>
+int64_t fused_partials(const Mixture& mix) {
+  return ceil_div(mix.n_in, Tiles<T>::kGradCols);
+}
+template <typename T>
+int64_t max_partials(const Mixture& mix) {
+  const int64_t fused = fused_partials<T>(mix), elementwise = expert_grad_partials<T>(mix);
+  return fused > elementwise ? fused : elementwise;
+}
+
+// The weight gradient around the product: `product` launches the kernel that writes d_experts
+// (all of it) and the dbeta partials (n_partials per row), and sums dy's columns into the row
+// sums it is given (null: not asked to). Then the column sums if it did not, and dbeta / dbias.
 template <typename T, typename Product>
 cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias& bias,
                                void* d_experts, void* d_beta, void* d_bias, void* workspace,
-                               cudaStream_t stream, bool product_sums_rows, Product&& product) {
-  using Cfg = Tiles<T>;
-  const int64_t k_tiles = ceil_div(mix.n_in, Cfg::kGradCols);
-  const int64_t o_tiles = ceil_div(mix.n_out, Cfg::kGradRows);
-  if (k_tiles > INT32_MAX || o_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
+                               cudaStream_t stream, int64_t n_partials, bool product_sums_rows,
+                               Product&& product) {
   acc_t<T>* partials = static_cast<acc_t<T>*>(workspace);
-  acc_t<T>* row_sums = partials + k_tiles * mix.n_out * mix.m;
+  acc_t<T>* row_sums = partials + max_partials<T>(mix) * mix.n_out * mix.m;
   const bool want_sums =
       d_bias != nullptr || (d_beta != nullptr && bias.kind == BiasKind::kPerExpert);
   const bool want_product = d_experts != nullptr || d_beta != nullptr;
-
-  if (d_experts != nullptr && (mix.n_out < mix.n_max || mix.n_in < mix.k_max)) {
-    const int64_t rows = mix.m * mix.n_max;
-    const dim3 grid(static_cast<unsigned>(ceil_div(mix.k_max, 256) < 8 ? ceil_div(mix.k_max, 256) : 8),
-                    static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
-    zero_outside_slice_kernel<T><<<grid, 256, 0, stream>>>(static_cast<T*>(d_experts), mix);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  }
   if (want_product) {
-    const dim3 grid(static_cast<unsigned>(k_tiles), static_cast<unsigned>(o_tiles));
-    product(grid, partials, want_sums && product_sums_rows ? row_sums : nullptr);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    if (cudaError_t err = product(partials, want_sums && product_sums_rows ? row_sums : nullptr);
+        err != cudaSuccess)
+      return err;
   }
   if (want_sums && !(want_product && product_sums_rows)) {
     column_sums_kernel<T><<<static_cast<unsigned>(ceil_div(dy.cols, 32)), dim3(32, 32), 0, stream>>>(
@@ -754,7 +669,7 @@ cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias&
   }
   if (d_beta != nullptr || d_bias != nullptr) {
     finish_kernel<T><<<static_cast<unsigned>(ceil_div(mix.n_max, 256)), 256, 0, stream>>>(
-        mix, bias, partials, k_tiles, want_sums ? row_sums : nullptr, static_cast<T*>(d_beta),
+        mix, bias, partials, n_partials, want_sums ? row_sums : nullptr, static_cast<T*>(d_beta),
         static_cast<T*>(d_bias));
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
@@ -784,19 +699,24 @@ cudaError_t combine(DType dtype, const Mixture& mix, const Bias& bias, void* wei
                     void* mixed_bias, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int64_t col_blocks = ceil_div(mix.n_in, 256);
-    const dim3 grid(static_cast<unsigned>(col_blocks < 64 ? col_blocks : 64),
-                    static_cast<unsigned>(mix.n_out < kMaxGridY ? mix.n_out : kMaxGridY));
-    combine_kernel<T><<<grid, 256, 0, stream>>>(mix, bias, static_cast<T*>(weight),
-                                                static_cast<T*>(mixed_bias));
+    const int64_t units = combine_units<T>(mix);
+    if (units == 0) return cudaSuccess;
+    combine_kernel<T><<<unit_grid(units), kUnitThreads, 0, stream>>>(
+        mix, bias, static_cast<T*>(weight), static_cast<T*>(mixed_bias),
+        combine_vectorised<T>(mix, weight));
     return cudaGetLastError();
   });
 }
 
 size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix) {
-  const int64_t k_tiles = ceil_div(mix.n_in, grad_tile_cols(dtype));
-  const size_t acc_bytes = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  return static_cast<size_t>(k_tiles * mix.n_out * mix.m + mix.n_out) * acc_bytes;
+  size_t bytes = 0;
+  dispatch(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    bytes = static_cast<size_t>(max_partials<T>(mix) * mix.n_out * mix.m + mix.n_out) *
+            sizeof(acc_t<T>);
+    return cudaSuccess;
+  });
+  return bytes;
 }
 
 cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mixture& mix,
@@ -804,13 +724,25 @@ cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mi
                         void* workspace, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const bool dy_vec = vectorisable<T>(dy), x_vec = vectorisable<T>(x);
+    using Cfg = Tiles<T>;
+    const int64_t k_tiles = fused_partials<T>(mix), o_tiles = ceil_div(mix.n_out, Cfg::kGradRows);
+    if (k_tiles > INT32_MAX || o_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
     return launch_weight_grad<T>(
-        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream, /*product_sums_rows=*/true,
-        [&](dim3 grid, acc_t<T>* partials, acc_t<T>* row_sums) {
-          weight_grad_kernel<T><<<grid, Tiles<T>::kThreads, 0, stream>>>(
-              dy, x, mix, static_cast<T*>(d_experts), partials, row_sums, dy_vec, x_vec,
-              d_beta != nullptr);
+        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream, k_tiles,
+        /*product_sums_rows=*/true, [&](acc_t<T>* partials, acc_t<T>* row_sums) {
+          if (d_experts != nullptr && (mix.n_out < mix.n_max || mix.n_in < mix.k_max)) {
+            const int64_t rows = mix.m * mix.n_max, col_blocks = ceil_div(mix.k_max, 256);
+            const dim3 grid(static_cast<unsigned>(col_blocks < 8 ? col_blocks : 8),
+                            static_cast<unsigned>(rows < kMaxGridY ? rows : kMaxGridY));
+            zero_outside_slice_kernel<T><<<grid, 256, 0, stream>>>(static_cast<T*>(d_experts), mix);
+            if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+          }
+          if (k_tiles == 0 || o_tiles == 0) return cudaSuccess;
+          weight_grad_kernel<T><<<dim3(static_cast<unsigned>(k_tiles),
+                                       static_cast<unsigned>(o_tiles)), Cfg::kThreads, 0, stream>>>(
+              dy, x, mix, static_cast<T*>(d_experts), partials, row_sums, vectorisable<T>(dy),
+              vectorisable<T>(x), d_beta != nullptr);
+          return cudaGetLastError();
         });
   });
 }
@@ -822,10 +754,15 @@ cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const M
   return dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_weight_grad<T>(
-        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream, /*product_sums_rows=*/false,
-        [&](dim3 grid, acc_t<T>* partials, acc_t<T>*) {
-          product_grad_kernel<T><<<grid, Tiles<T>::kThreads, 0, stream>>>(
-              product, mix, static_cast<T*>(d_experts), partials, d_beta != nullptr);
+        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream,
+        expert_grad_partials<T>(mix), /*product_sums_rows=*/false,
+        [&](acc_t<T>* partials, acc_t<T>*) {
+          const int64_t units = expert_grad_units<T>(mix, d_experts != nullptr);
+          if (units == 0) return cudaSuccess;
+          expert_grad_kernel<T><<<unit_grid(units), kUnitThreads, 0, stream>>>(
+              product, mix, static_cast<T*>(d_experts), d_beta != nullptr ? partials : nullptr,
+              expert_grad_vectorised<T>(product, mix, d_experts));
+          return cudaGetLastError();
         });
   });
 }

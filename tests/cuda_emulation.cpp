@@ -1,0 +1,53 @@
+// Runs the CUDA backend's elementwise work units (csrc/cuda/mos_linear_elementwise.cuh) on the
+// CPU, one unit after another over the same grid the kernels cover, with the same arguments the
+// launchers in mos_linear_kernels.cu pass. Built by tests/test_cuda_emulation.py with the host
+// compiler and loaded through ctypes: that is how these kernels are checked without a GPU.
+#include <vector>
+
+#include "mos_linear_elementwise.cuh"
+
+using namespace mos_cuda;
+using namespace mos_cuda::elementwise;
+
+extern "C" {
+
+// W_a (n_out, n_in) and, when mixed_bias is not null, b_a, as mos_cuda::combine writes them.
+int mos_emulate_combine(int dtype, const Mixture* mix, const Bias* bias, void* weight,
+                        void* mixed_bias) {
+  return dispatch(static_cast<DType>(dtype), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool vectorised = combine_vectorised<T>(*mix, weight);
+    for (int64_t u = 0; u < combine_units<T>(*mix); ++u)
+      combine_unit<T>(*mix, *bias, static_cast<T*>(weight), static_cast<T*>(mixed_bias),
+                      vectorised, u);
+    return cudaSuccess;
+  });
+}
+
+// The outputs of mos_cuda::weight_grad_from_product, given the column sums of dy (row_sums, in
+// the accumulation type; null when neither d_beta nor d_bias needs them). Any output may be null.
+int mos_emulate_weight_grad_from_product(int dtype, const Matrix* product, const Mixture* mix,
+                                         const Bias* bias, const void* row_sums, void* d_experts,
+                                         void* d_beta, void* d_bias) {
+  return dispatch(static_cast<DType>(dtype), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t n_partials = expert_grad_partials<T>(*mix);
+    // NaN-filled, so a partial the finishing step reads but no unit wrote shows up.
+    std::vector<acc_t<T>> partials(static_cast<size_t>(n_partials * mix->n_out * mix->m),
+                                   acc_t<T>(0) / acc_t<T>(0));
+    if (d_experts != nullptr || d_beta != nullptr) {
+      const bool vectorised = expert_grad_vectorised<T>(*product, *mix, d_experts);
+      for (int64_t u = 0; u < expert_grad_units<T>(*mix, d_experts != nullptr); ++u)
+        expert_grad_unit<T>(*product, *mix, static_cast<T*>(d_experts),
+                            d_beta != nullptr ? partials.data() : nullptr, vectorised, u);
+    }
+    if (d_beta != nullptr || d_bias != nullptr)
+      for (int64_t o = 0; o < mix->n_max; ++o)
+        finish_row<T>(*mix, *bias, partials.data(), n_partials,
+                      static_cast<const acc_t<T>*>(row_sums), static_cast<T*>(d_beta),
+                      static_cast<T*>(d_bias), o);
+    return cudaSuccess;
+  });
+}
+
+}  // extern "C"
