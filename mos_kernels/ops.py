@@ -32,6 +32,9 @@ def _auto_order(device: torch.device) -> Tuple[str, ...]:
     return ()
 
 
+# torch.compile runs this once while tracing and keeps its answer: tracing into it would hit the
+# backends' imports, a graph break, when the first call of a process is a compiled one.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str = "auto", device="cpu") -> str:
     """The backend that ``mos_linear(..., backend=backend)`` runs for tensors on ``device``.
 

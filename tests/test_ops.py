@@ -154,6 +154,7 @@ def test_custom_op_and_eager_path_agree(backend, layerwise):
 @pytest.mark.parametrize("backend", FUSED)
 def test_compiled_module_has_no_graph_break(backend):
     torch._dynamo.reset()
+    mos_kernels.ops._resolved.clear()  # the backend is first resolved inside the compiled call
     layer = mos_kernels.MoSLinear(24, 16, num_experts=3, backend=backend).to(DEVICE)
     layer.set_arch(torch.rand(10), in_features=20, out_features=13)
     x = torch.randn(4, 5, 20, device=DEVICE)
