@@ -4,6 +4,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -42,14 +43,21 @@ def default_arch_list() -> str:
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cxx = ["-O3", "-std=c++17"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a serial loop unless the extension itself is compiled with OpenMP
+        # (ATen/ParallelOpenMP.h); linked with -fopenmp, it binds to the libgomp.so.1 torch loads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not build_cuda():
-        return CppExtension("mos_kernels._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("mos_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     # TORCH_CUDA_ARCH_LIST, when set, wins (e.g. "9.0" for a quick build on one H100).
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list())
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     nvcc = ["-O3", "-std=c++17", "--use_fast_math"]
     return CUDAExtension("mos_kernels._C", sources, define_macros=[("MOS_WITH_CUDA", None)],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(

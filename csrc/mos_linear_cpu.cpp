@@ -83,22 +83,29 @@ Tensor beta_as_acc(const Tensor& beta) {
 // the 2-core AMD EPYC machine at m = 6).
 constexpr int64_t kChunk = 64;
 
+template <typename scalar_t, typename acc_t, int64_t kLen>
+inline void mix_chunk(const scalar_t* __restrict__ e, int64_t expert_stride,
+                      const acc_t* __restrict__ b, int64_t m, int64_t len,
+                      scalar_t* __restrict__ w) {
+  const int64_t n = kLen > 0 ? kLen : len;  // a constant trip count keeps acc in registers
+  acc_t acc[kChunk];
+  for (int64_t k = 0; k < n; ++k) acc[k] = b[0] * static_cast<acc_t>(e[k]);
+  for (int64_t i = 1; i < m; ++i) {
+    const scalar_t* ei = e + i * expert_stride;
+    const acc_t bi = b[i];
+    for (int64_t k = 0; k < n; ++k) acc[k] += bi * static_cast<acc_t>(ei[k]);
+  }
+  for (int64_t k = 0; k < n; ++k) w[k] = static_cast<scalar_t>(acc[k]);
+}
+
 template <typename scalar_t, typename acc_t>
 __attribute__((target_clones("avx2,fma", "default")))
 void mix_row(const scalar_t* __restrict__ e, int64_t expert_stride, const acc_t* __restrict__ b,
              int64_t m, int64_t n, scalar_t* __restrict__ w) {
-  acc_t acc[kChunk];
-  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
-    const int64_t len = std::min(kChunk, n - k0);
-    const scalar_t* e0 = e + k0;
-    for (int64_t k = 0; k < len; ++k) acc[k] = b[0] * static_cast<acc_t>(e0[k]);
-    for (int64_t i = 1; i < m; ++i) {
-      const scalar_t* ei = e + i * expert_stride + k0;
-      const acc_t bi = b[i];
-      for (int64_t k = 0; k < len; ++k) acc[k] += bi * static_cast<acc_t>(ei[k]);
-    }
-    for (int64_t k = 0; k < len; ++k) w[k0 + k] = static_cast<scalar_t>(acc[k]);
-  }
+  int64_t k0 = 0;
+  for (; k0 + kChunk <= n; k0 += kChunk)
+    mix_chunk<scalar_t, acc_t, kChunk>(e + k0, expert_stride, b, m, kChunk, w + k0);
+  if (k0 < n) mix_chunk<scalar_t, acc_t, 0>(e + k0, expert_stride, b, m, n - k0, w + k0);
 }
 
 // W_a[o, k] = sum_i beta[o, i] E[i, o, k] for o < n_out, k < n_in; b_a likewise for a per-expert
