@@ -24,11 +24,14 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
 
 
 def _auto_order(device: torch.device) -> Tuple[str, ...]:
+    # On GPUs the CUDA C++ backend comes first wherever it is built: in the one GPU benchmark so
+    # far (H100, bf16, benchmarks/results/h100-2026-11-23/) it was faster than Triton in all 48
+    # rows (fwd, bwd, fwd+bwd; T 512-16384; m 2 and 6). Triton (sm_80 and newer) serves installs
+    # built without a CUDA toolkit.
     if device.type == "cpu":
         return ("cpu",)
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return ("triton", "cuda") if major >= 8 else ("cuda", "triton")
+        return ("cuda", "triton")
     return ()
 
 
@@ -38,9 +41,9 @@ def _auto_order(device: torch.device) -> Tuple[str, ...]:
 def resolve_backend(backend: str = "auto", device="cpu") -> str:
     """The backend that ``mos_linear(..., backend=backend)`` runs for tensors on ``device``.
 
-    "auto" picks the first available of: cpu for CPU tensors; triton then cuda on sm_80 and
-    newer; cuda then triton on older GPUs; and "reference" where none is available. Naming a
-    backend that cannot run on the device raises RuntimeError saying why.
+    "auto" picks the first available of: cpu for CPU tensors; cuda then triton (sm_80 and
+    newer) on GPUs; and "reference" where none is available. Naming a backend that cannot run on
+    the device raises RuntimeError saying why.
     """
     device = torch.device(device)
     key = (backend, device)
