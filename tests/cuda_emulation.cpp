@@ -24,28 +24,37 @@ int mos_emulate_combine(int dtype, const Mixture* mix, const Bias* bias, void* w
   });
 }
 
-// The outputs of mos_cuda::weight_grad_from_product, given the column sums of dy (row_sums, in
-// the accumulation type; null when neither d_beta nor d_bias needs them). Any output may be null.
-int mos_emulate_weight_grad_from_product(int dtype, const Matrix* product, const Mixture* mix,
-                                         const Bias* bias, const void* row_sums, void* d_experts,
+// The outputs of mos_cuda::weight_grad_from_product for G = product and the cotangent dy (whose
+// column sums it takes when d_bias, or d_beta with a per-expert bias, needs them). Any output may
+// be null.
+int mos_emulate_weight_grad_from_product(int dtype, const Matrix* product, const Matrix* dy,
+                                         const Mixture* mix, const Bias* bias, void* d_experts,
                                          void* d_beta, void* d_bias) {
   return dispatch(static_cast<DType>(dtype), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    using Acc = acc_t<T>;
     const int64_t n_partials = expert_grad_partials<T>(*mix);
-    // NaN-filled, so a partial the finishing step reads but no unit wrote shows up.
-    std::vector<acc_t<T>> partials(static_cast<size_t>(n_partials * mix->n_out * mix->m),
-                                   acc_t<T>(0) / acc_t<T>(0));
+    const int64_t n_sum_parts = column_sum_parts(dy->rows);
+    // NaN-filled, so a value the finishing step reads but no unit wrote shows up.
+    const Acc nan = Acc(0) / Acc(0);
+    std::vector<Acc> partials(static_cast<size_t>(n_partials * mix->n_out * mix->m), nan);
+    std::vector<Acc> sum_parts(static_cast<size_t>(n_sum_parts * mix->n_out), nan);
     if (d_experts != nullptr || d_beta != nullptr) {
       const bool vectorised = expert_grad_vectorised<T>(*product, *mix, d_experts);
       for (int64_t u = 0; u < expert_grad_units<T>(*mix, d_experts != nullptr); ++u)
         expert_grad_unit<T>(*product, *mix, static_cast<T*>(d_experts),
                             d_beta != nullptr ? partials.data() : nullptr, vectorised, u);
     }
+    const bool want_sums = d_bias != nullptr ||
+                           (d_beta != nullptr && bias->kind == BiasKind::kPerExpert);
+    if (want_sums)
+      for (int64_t u = 0; u < column_sum_units<T>(*dy); ++u)
+        column_sum_unit<T>(*dy, sum_parts.data(), column_sums_vectorised<T>(*dy), u);
     if (d_beta != nullptr || d_bias != nullptr)
       for (int64_t o = 0; o < mix->n_max; ++o)
         finish_row<T>(*mix, *bias, partials.data(), n_partials,
-                      static_cast<const acc_t<T>*>(row_sums), static_cast<T*>(d_beta),
-                      static_cast<T*>(d_bias), o);
+                      want_sums ? sum_parts.data() : nullptr, n_sum_parts,
+                      static_cast<T*>(d_beta), static_cast<T*>(d_bias), o);
     return cudaSuccess;
   });
 }

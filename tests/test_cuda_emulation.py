@@ -58,6 +58,10 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
+def matrix(t):
+    return Matrix(t.data_ptr(), *t.shape, *t.stride())
+
+
 def mixture(experts, beta, n_out, n_in):
     return Mixture(experts.data_ptr(), *experts.shape, *experts.stride(), beta.data_ptr(),
                    *beta.stride(), n_out, n_in)
@@ -73,8 +77,9 @@ def bias_struct(bias):
 
 # (n_out, n_in, n_max, k_max, m). Units span 32 * 4 vectors of 16 bytes along a row, so the wide
 # rows are the ones where whole units take the vector path (fp16 from n_in >= 776 on).
+# n_out = 16 gives dy rows that take 16-byte loads in the column sums.
 SHAPES = [(1, 1, 1, 8, 1), (7, 33, 9, 40, 3), (33, 127, 40, 136, 2), (5, 1030, 7, 1040, 2),
-          (3, 2048, 3, 2048, 6), (4, 520, 6, 1100, 2)]
+          (3, 2048, 3, 2048, 6), (4, 520, 6, 1100, 2), (16, 40, 24, 48, 2)]
 # contiguous: 16-byte rows when k_max allows; padded: rows k_max + 1 apart (never aligned);
 # transposed: experts and G with a column stride other than 1.
 LAYOUTS = ["contiguous", "padded", "transposed"]
@@ -100,6 +105,19 @@ def make(shape, layout, layerwise, bias_kind, dtype, seed=0):
                else torch.randn(n_out, n_in, generator=g))
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731  keeps strides
     return cast(experts), beta, cast(bias), cast(product)
+
+
+def make_dy(tokens, n_out, layout, dtype):
+    """The cotangent dy (tokens, n_out): rows 16-byte aligned when contiguous, not when padded,
+    a column stride other than 1 when transposed (like the experts of that layout)."""
+    g = torch.Generator().manual_seed(2)
+    if layout == "contiguous":
+        dy = torch.randn(tokens, n_out, generator=g)
+    elif layout == "padded":
+        dy = torch.randn(tokens, n_out + 1, generator=g)[:, :n_out]
+    else:
+        dy = torch.randn(n_out, tokens, generator=g).t()
+    return dy.to(dtype)
 
 
 def nan_like(shape, dtype):
@@ -137,23 +155,22 @@ GRAD_CASES = [(layerwise, bias, needs) for layerwise, bias in MIXES for needs in
 @pytest.mark.parametrize("layerwise,bias_kind,needs", GRAD_CASES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_weight_grad_from_product(lib, shape, layout, layerwise, bias_kind, needs, dtype):
+@pytest.mark.parametrize("tokens", [1, 64, 200])  # column sums take 64 rows per part
+def test_weight_grad_from_product(lib, shape, layout, layerwise, bias_kind, needs, tokens, dtype):
     want_de, want_dbeta, want_dbias = needs
     want_dbias = want_dbias and bias_kind != "none"
     n_out, n_in, n_max, k_max, m = shape
     experts, beta, bias, product = make(shape, layout, layerwise, bias_kind, dtype)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    row_sums = torch.randn(n_out, generator=torch.Generator().manual_seed(1)).to(acc)
+    dy = make_dy(tokens, n_out, layout, dtype)
     d_experts = nan_like((m, n_max, k_max), dtype) if want_de else None
     d_beta = nan_like((n_out, m), dtype) if want_dbeta else None
     d_bias = nan_like(tuple(bias.shape), dtype) if want_dbias else None
-    g = Matrix(product.data_ptr(), n_out, n_in, *product.stride())
     assert lib.mos_emulate_weight_grad_from_product(
-        DTYPE_CODES[dtype], ctypes.byref(g), ctypes.byref(mixture(experts, beta, n_out, n_in)),
-        ctypes.byref(bias_struct(bias)), ptr(row_sums), ptr(d_experts), ptr(d_beta),
-        ptr(d_bias)) == 0
+        DTYPE_CODES[dtype], ctypes.byref(matrix(product)), ctypes.byref(matrix(dy)),
+        ctypes.byref(mixture(experts, beta, n_out, n_in)), ctypes.byref(bias_struct(bias)),
+        ptr(d_experts), ptr(d_beta), ptr(d_bias)) == 0
 
-    e64, beta64, g64, s64 = experts.double(), beta.double(), product.double(), row_sums.double()
+    e64, beta64, g64, s64 = experts.double(), beta.double(), product.double(), dy.double().sum(0)
     if want_de:
         expected = torch.zeros(m, n_max, k_max, dtype=torch.float64)
         expected[:, :n_out, :n_in] = beta64.t()[:, :, None] * g64[None]

@@ -184,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   if (needs[2]) d_beta = at::empty({d.n_out, d.m}, beta.options());
   if (want_bias) d_bias = at::empty(bias->sizes(), bias->options());
   const Tensor workspace = at::empty(
-      {static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(dtype, mix))},
+      {static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(dtype, mix, d.tokens))},
       x.options().dtype(at::kByte));
   void* d_experts_ptr = needs[1] ? d_experts.data_ptr() : nullptr;
   void* d_beta_ptr = needs[2] ? d_beta.data_ptr() : nullptr;

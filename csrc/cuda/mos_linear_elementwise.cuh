@@ -1,6 +1,7 @@
 // The memory-bound parts of the combine-then-GEMM strategy, as work units with no block-level
 // synchronisation: combining W_a (and b_a) from the experts, the experts' gradient from a product
-// G = dy^T x computed by cuBLAS (with its dbeta partials), and the final dbeta / dbias per row.
+// G = dy^T x computed by cuBLAS (with its dbeta partials), the column sums of dy, and the final
+// dbeta / dbias per row.
 //
 // Every function here is __host__ __device__ and each unit only reads its inputs and writes its
 // own outputs, so running the units one after another on the CPU gives exactly what the GPU
@@ -25,9 +26,11 @@
 // Unrolled on the GPU; the host compiler (emulation, and nvcc's host pass) decides for itself.
 #if defined(__CUDA_ARCH__)
 #define MOS_UNROLL _Pragma("unroll")
+#define MOS_UNROLL_4 _Pragma("unroll 4")
 #define MOS_NO_UNROLL _Pragma("unroll 1")
 #else
 #define MOS_UNROLL
+#define MOS_UNROLL_4
 #define MOS_NO_UNROLL
 #endif
 
@@ -298,16 +301,73 @@ MOS_NO_UNROLL
   }
 }
 
+// ------------------------------------------------------------------------------ column sums
+
+// s = sum_t dy[t, :] in two steps: units sum kSumRows rows of one 16-byte column vector each into
+// parts (n_parts, cols), and finish_row adds a column's parts in order.
+constexpr int64_t kSumRows = 64;
+
+__host__ __device__ __forceinline__ int64_t column_sum_parts(int64_t rows) {
+  return ceil_div(rows, kSumRows);
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ int64_t column_sum_units(const Matrix& a) {
+  return column_sum_parts(a.rows) * ceil_div(a.cols, kVec<T>);
+}
+
+// The `vectorised` argument of column_sum_unit.
+template <typename T>
+inline bool column_sums_vectorised(const Matrix& a) {
+  return aligned_rows(a.data, a.row_stride, a.col_stride, kVec<T>);
+}
+
+// Unit: parts[p, c + v] = sum over rows t of block p, in order, of a[t, c + v], v < VEC.
+template <typename T>
+__host__ __device__ void column_sum_unit(const Matrix& a, acc_t<T>* parts, bool vectorised,
+                                         int64_t unit) {
+  constexpr int VEC = kVec<T>;
+  const int64_t per_part = ceil_div(a.cols, VEC);
+  const int64_t p = unit / per_part, c = unit % per_part * VEC;
+  const int64_t t0 = p * kSumRows, t1 = t0 + kSumRows < a.rows ? t0 + kSumRows : a.rows;
+  const T* data = static_cast<const T*>(a.data);
+  acc_t<T>* out = parts + p * a.cols + c;
+  if (vectorised && c + VEC <= a.cols) {
+    acc_t<T> total[VEC] = {};
+MOS_UNROLL_4
+    for (int64_t t = t0; t < t1; ++t) {
+      const Pack<T, VEC> row = load_pack(data + t * a.row_stride + c);
+MOS_UNROLL
+      for (int v = 0; v < VEC; ++v) total[v] += to_acc(row.v[v]);
+    }
+MOS_UNROLL
+    for (int v = 0; v < VEC; ++v) out[v] = total[v];
+  } else {
+MOS_NO_UNROLL
+    for (int v = 0; v < VEC && c + v < a.cols; ++v) {
+      acc_t<T> total = 0;
+      for (int64_t t = t0; t < t1; ++t)
+        total += to_acc(data[t * a.row_stride + (c + v) * a.col_stride]);
+      out[v] = total;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ finish
+
 // Row o < n_max of dbeta (from `n_partials` partials per row, summed in order, plus the bias
-// term) and dbias; row_sums s (n_out,) may be null when neither needs it. d_beta (n_out, m) and
-// d_bias (like bias) are contiguous; either may be null.
+// term) and dbias. The column sums s[o] of dy are the sum, in order, of n_sum_parts parts
+// sum_parts[p, o] (p < n_sum_parts, rows of n_out); sum_parts may be null when neither output
+// needs s. d_beta (n_out, m) and d_bias (like bias) are contiguous; either may be null.
 template <typename T>
 __host__ __device__ void finish_row(const Mixture& mix, const Bias& bias, const acc_t<T>* partials,
-                                    int64_t n_partials, const acc_t<T>* row_sums, T* d_beta,
-                                    T* d_bias, int64_t o) {
+                                    int64_t n_partials, const acc_t<T>* sum_parts,
+                                    int64_t n_sum_parts, T* d_beta, T* d_bias, int64_t o) {
   if (o >= mix.n_max) return;
   const bool active = o < mix.n_out;
-  const acc_t<T> s = active && row_sums != nullptr ? row_sums[o] : acc_t<T>(0);
+  acc_t<T> s = 0;
+  if (active && sum_parts != nullptr)
+    for (int64_t p = 0; p < n_sum_parts; ++p) s += sum_parts[p * mix.n_out + o];
   const T* b = static_cast<const T*>(bias.data);
   for (int64_t i = 0; i < mix.m; ++i) {
     if (d_beta != nullptr && active) {

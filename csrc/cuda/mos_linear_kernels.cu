@@ -528,26 +528,6 @@ __global__ void __launch_bounds__(256, 2)  // two blocks per SM: 128 registers a
   }
 }
 
-// sums[c] = sum_t a[t, c], rows in a fixed order: 32 interleaved partial sums per column, added
-// in order. Block (32, 32), grid x over tiles of 32 columns.
-template <typename T>
-__global__ void column_sums_kernel(Matrix a, acc_t<T>* sums) {
-  __shared__ acc_t<T> partial[32][33];
-  const T* data = static_cast<const T*>(a.data);
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  acc_t<T> total = 0;
-  if (col < a.cols)
-    for (int64_t t = threadIdx.y; t < a.rows; t += 32)
-      total += to_acc(data[t * a.row_stride + col * a.col_stride]);
-  partial[threadIdx.y][threadIdx.x] = total;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < a.cols) {
-    total = 0;
-    for (int j = 0; j < 32; ++j) total += partial[j][threadIdx.x];
-    sums[col] = total;
-  }
-}
-
 // Zeros of d_experts (m, n_max, k_max) outside the active slice. Grid y over rows (i, o).
 template <typename T>
 __global__ void zero_outside_slice_kernel(T* d_experts, Mixture mix) {
@@ -587,9 +567,19 @@ __global__ void __launch_bounds__(kUnitThreads)
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kUnitThreads)
+    column_sum_kernel(Matrix a, acc_t<T>* parts, bool vectorised) {
+  const int64_t units = column_sum_units<T>(a);
+  for (int64_t u = first_unit(); u < units; u += unit_step())
+    column_sum_unit<T>(a, parts, vectorised, u);
+}
+
+template <typename T>
 __global__ void finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, int64_t n_partials,
-                              const acc_t<T>* row_sums, T* d_beta, T* d_bias) {
-  finish_row<T>(mix, bias, partials, n_partials, row_sums, d_beta, d_bias, first_unit());
+                              const acc_t<T>* sum_parts, int64_t n_sum_parts, T* d_beta,
+                              T* d_bias) {
+  finish_row<T>(mix, bias, partials, n_partials, sum_parts, n_sum_parts, d_beta, d_bias,
+                first_unit());
 }
 
 // ------------------------------------------------------------------------------ launchers
@@ -653,24 +643,29 @@ cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias&
                                cudaStream_t stream, int64_t n_partials, bool product_sums_rows,
                                Product&& product) {
   acc_t<T>* partials = static_cast<acc_t<T>*>(workspace);
-  acc_t<T>* row_sums = partials + max_partials<T>(mix) * mix.n_out * mix.m;
+  acc_t<T>* sum_parts = partials + max_partials<T>(mix) * mix.n_out * mix.m;
   const bool want_sums =
       d_bias != nullptr || (d_beta != nullptr && bias.kind == BiasKind::kPerExpert);
   const bool want_product = d_experts != nullptr || d_beta != nullptr;
+  const bool product_sums = want_sums && want_product && product_sums_rows;
   if (want_product) {
-    if (cudaError_t err = product(partials, want_sums && product_sums_rows ? row_sums : nullptr);
+    if (cudaError_t err = product(partials, product_sums ? sum_parts : nullptr);
         err != cudaSuccess)
       return err;
   }
-  if (want_sums && !(want_product && product_sums_rows)) {
-    column_sums_kernel<T><<<static_cast<unsigned>(ceil_div(dy.cols, 32)), dim3(32, 32), 0, stream>>>(
-        dy, row_sums);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (want_sums && !product_sums) {
+    const int64_t units = column_sum_units<T>(dy);
+    if (units > 0) {
+      column_sum_kernel<T><<<unit_grid(units), kUnitThreads, 0, stream>>>(
+          dy, sum_parts, column_sums_vectorised<T>(dy));
+      if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    }
   }
   if (d_beta != nullptr || d_bias != nullptr) {
+    const int64_t n_sum_parts = product_sums ? 1 : column_sum_parts(dy.rows);
     finish_kernel<T><<<static_cast<unsigned>(ceil_div(mix.n_max, 256)), 256, 0, stream>>>(
-        mix, bias, partials, n_partials, want_sums ? row_sums : nullptr, static_cast<T*>(d_beta),
-        static_cast<T*>(d_bias));
+        mix, bias, partials, n_partials, want_sums ? sum_parts : nullptr, n_sum_parts,
+        static_cast<T*>(d_beta), static_cast<T*>(d_bias));
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -708,11 +703,12 @@ cudaError_t combine(DType dtype, const Mixture& mix, const Bias& bias, void* wei
   });
 }
 
-size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix) {
+size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix, int64_t tokens) {
   size_t bytes = 0;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    bytes = static_cast<size_t>(max_partials<T>(mix) * mix.n_out * mix.m + mix.n_out) *
+    const int64_t sum_parts = column_sum_parts(tokens) > 1 ? column_sum_parts(tokens) : 1;
+    bytes = static_cast<size_t>((max_partials<T>(mix) * mix.m + sum_parts) * mix.n_out) *
             sizeof(acc_t<T>);
     return cudaSuccess;
   });

@@ -56,8 +56,9 @@ cudaError_t input_grad(DType dtype, const Matrix& dy, const Mixture& mix, void* 
 cudaError_t combine(DType dtype, const Mixture& mix, const Bias& bias, void* weight,
                     void* mixed_bias, cudaStream_t stream);
 
-// Scratch bytes weight_grad and weight_grad_from_product need (per-tile dbeta partials, row sums).
-size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix);
+// Scratch bytes weight_grad and weight_grad_from_product need for `tokens` rows of dy (per-tile
+// dbeta partials, partial column sums of dy).
+size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix, int64_t tokens);
 
 // The weight-side gradients from G = dy^T x, computed tile by tile over the tokens:
 //   d_experts (m, n_max, k_max): beta[o, i] * G[o, k] inside the active slice, zero outside;
