@@ -16,6 +16,10 @@
 #include <array>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace mos {
 namespace {
 
@@ -43,6 +47,21 @@ void scaled_row(const acc_t* __restrict__ g, acc_t scale, int64_t n, int64_t wid
                 scalar_t* __restrict__ out) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(scale * g[k]);
   std::fill(out + n, out + width, scalar_t(0));
+}
+
+// A fresh allocation over glibc's largest mmap threshold (32 MiB) is a new mapping every call,
+// and the first write to each 4 KiB page of it faults: ~21 ms for the 56 MB experts' gradient of
+// an m = 6 layer here. Where the system leaves transparent huge pages to madvise (the usual
+// default), asking for them turns those faults into one per 2 MiB. Advice only: errors ignored.
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20, kMapped = uintptr_t{32} << 20;
+  if (t.nbytes() < kMapped) return;  // smaller buffers are reused from the heap
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 struct Dims {
@@ -226,6 +245,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
       grad_rows = grad_rows.contiguous();
     }
     Tensor e_out = needs[1] ? at::empty(experts.sizes(), experts.options()) : Tensor();
+    if (e_out.defined()) advise_huge_pages(e_out);
     Tensor beta_out = needs[2] ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
     Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
     weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_acc, bias, d, e_out, beta_out,
