@@ -41,9 +41,11 @@ def test_fused_strategy_matches_reference(monkeypatch, shape, config, dtype):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(300, 256, 384, 264, 392), (1000, 40, 136, 48, 200),
-                                   (129, 129, 129, 129, 129)])
+                                   (129, 129, 129, 129, 129), (64, 1100, 72, 1104, 80)])
 def test_several_tiles_every_way(monkeypatch, strategy, dtype, shape):
-    # More than one tile along tokens, n_in and n_out, with 16-byte loads and with ragged edges.
+    # More than one tile along tokens, n_in and n_out, with 16-byte loads and with ragged edges;
+    # n_in = 1100 lets whole elementwise units (csrc/cuda/mos_linear_elementwise.cuh) take their
+    # 16-byte path, which needs rows of at least 776 half-precision columns.
     monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
     check_backend("cuda", shape, (6, "neuron", "expert"), dtype)
     check_backend("cuda", shape, (2, "layer", "shared"), dtype)
