@@ -116,6 +116,27 @@ def test_only_requested_gradients(strategy, needs, bias_kind):
             assert g.numel() == 0
 
 
+def _gpu_tiles():
+    """Every tile shape the GPU autotuner can pick, as the interpreter's fixed tiles (a combine
+    config's token tile does not matter: 32)."""
+    if DEVICE.type != "cpu":
+        return []
+    configs = (triton_backend._GEMM_CONFIGS + triton_backend._WGRAD_CONFIGS
+               + triton_backend._COMBINE_CONFIGS)
+    tiles = [dict(BLOCK_T=c.kwargs.get("BLOCK_T", 32), BLOCK_N=c.kwargs["BLOCK_N"],
+                  BLOCK_K=c.kwargs["BLOCK_K"]) for c in configs]
+    return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
+
+
+@pytest.mark.parametrize("tiles", _gpu_tiles(), ids=lambda t: "T{BLOCK_T}-N{BLOCK_N}-K{BLOCK_K}"
+                         .format(**t))
+def test_every_gpu_tile_shape_under_the_interpreter(strategy, tiles, monkeypatch):
+    # On a GPU the autotuner picks among these; here each one runs every kernel, on a shape with
+    # ragged edges in every dimension and more than one 128-tile along each.
+    monkeypatch.setattr(triton_backend, "_INTERPRETER_TILES", tiles)
+    check((300, 270, 260, 280, 270), 3, False, "expert", torch.float32)
+
+
 def test_zero_tokens(strategy):
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         1, 20, 17, 24, 20, 2, False, "expert", torch.float32))
