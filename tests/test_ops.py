@@ -184,6 +184,10 @@ def test_backend_choice():
         mos_kernels.resolve_backend("cuda", "cpu")
     # On GPUs the CUDA C++ backend first (faster in every row of the H100 benchmark), Triton next.
     assert mos_kernels.ops._auto_order(torch.device("cuda")) == ("cuda", "triton")
+    if not torch.cuda.is_available():  # asking about a device this torch cannot use
+        assert mos_kernels.available_backends("cuda") == ["reference"]
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            mos_kernels.resolve_backend("triton", "cuda")
 
 
 def test_reference_backend_matches_reference_function():

@@ -64,6 +64,8 @@ def unavailable_reason(device):
                 "mos_kernels loads its Triton kernels")
     if device.type != "cuda":
         return f"it runs on CUDA tensors, got a tensor on {device}"
+    if not torch.cuda.is_available():
+        return "this torch has no usable CUDA device"
     if torch.version.hip is None:
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
