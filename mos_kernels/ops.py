@@ -78,8 +78,19 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
     x: (..., n_in); experts: (m, N_max, K_max), read through the [:n_out, :n_in] slice, never
     copied; beta: (n_out, m) neuron-wise, or (m,) layer-wise with ``out_features`` = n_out;
     bias: None, shared (N_max,), or per expert (m, N_max) mixed by beta like the weights.
-    Returns (..., n_out). Differentiable in x, experts, beta and bias.
+    Returns (..., n_out). Differentiable in x, experts, beta and bias. Under torch.autocast it
+    computes in the autocast dtype, as F.linear does.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Like F.linear under autocast: floating inputs other than float64 go in the autocast
+        # dtype (autograd casts their gradients back), and the op runs with autocast off.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type)
+        x, experts, beta, bias = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+            and t.dtype != torch.float64 else t for t in (x, experts, beta, bias))
+        with torch.autocast(device_type, enabled=False):
+            return mos_linear(x, experts, beta, bias, out_features=out_features, backend=backend)
     dims = check_inputs(x, experts, beta, bias, out_features)
     name = resolve_backend(backend, x.device)
     if name == "reference":

@@ -170,6 +170,26 @@ def test_compiled_module_has_no_graph_break(backend):
         torch.testing.assert_close(g, p.grad)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_autocast_computes_in_the_autocast_dtype(backend):
+    """fp32 inputs under torch.autocast: the op runs in the autocast dtype (as F.linear does) and
+    the gradients come back in fp32, matching the float64 reference of the rounded inputs."""
+    dtype = torch.bfloat16
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+        dtype = torch.float16
+    tensors = make_inputs(33, 20, 13, 24, 16, 3, False, "expert", torch.float32)
+    dy = torch.randn(33, 13, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        y = mos_kernels.mos_linear(*tensors, out_features=13, backend=backend)
+    grads = torch.autograd.grad(y, tensors, dy)
+    assert y.dtype == dtype and all(g.dtype == torch.float32 for g in grads)
+    rounded = [t.detach().to(dtype) for t in tensors]
+    y_ref, grads_ref = reference64(rounded, 13, dy)
+    assert_close(y, y_ref, dtype, "output")
+    for name, g, g_ref in zip(["dx", "dexperts", "dbeta", "dbias"], grads, grads_ref):
+        assert_close(g, g_ref, dtype, name)
+
+
 def test_backend_choice():
     assert mos_kernels.available_backends("cpu")[0] == "reference"
     assert mos_kernels.resolve_backend("reference") == "reference"
