@@ -16,7 +16,7 @@ from mos_models.bert.model import BertSupernet, param_count
 from mos_models.bert.space import (HomogeneousSpace, SuperShaperSpace, get_space,
                                    space_from_dict)
 from mos_models.bert.train import RunConfig, load_run, train
-from mos_models.common import sample_archs, sandwich_step
+from mos_models.common import latest_checkpoint, load_checkpoint, sample_archs, sandwich_step
 
 MICRO = {
     "supershaper": SuperShaperSpace(backbone=32, num_layers=3, hidden_choices=(8, 16, 24, 32),
@@ -256,20 +256,24 @@ def _cfg(data_dir, **kw):
     return RunConfig(**base)
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
+@pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: the loss scaler's state resumes too
+def test_resume_continues_exactly(data_dir, tmp_path, amp):
     quiet = lambda *a: None  # noqa: E731
-    train(_cfg(data_dir), str(tmp_path / "straight"), device="cpu", log=quiet)
-    train(_cfg(data_dir), str(tmp_path / "killed"), device="cpu", log=quiet, stop_at=3)
+    train(_cfg(data_dir, amp=amp), str(tmp_path / "straight"), device="cpu", log=quiet)
+    train(_cfg(data_dir, amp=amp), str(tmp_path / "killed"), device="cpu", log=quiet, stop_at=3)
     with pytest.raises(FileExistsError, match="--resume"):
-        train(_cfg(data_dir), str(tmp_path / "killed"), device="cpu", log=quiet)
-    metrics = train(_cfg(data_dir), str(tmp_path / "killed"), resume=True, device="cpu",
-                    log=quiet)
+        train(_cfg(data_dir, amp=amp), str(tmp_path / "killed"), device="cpu", log=quiet)
+    metrics = train(_cfg(data_dir, amp=amp), str(tmp_path / "killed"), resume=True,
+                    device="cpu", log=quiet)
     assert metrics["step"] == 6
     a, _, step_a = load_run(str(tmp_path / "straight"))
     b, _, step_b = load_run(str(tmp_path / "killed"))
     assert step_a == step_b == 6
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
+    extras = [load_checkpoint(latest_checkpoint(str(tmp_path / run)))["extra"]
+              for run in ("straight", "killed")]
+    assert extras[0]["scaler"] == extras[1]["scaler"]
 
 
 def test_cli_pipeline(data_dir, tmp_path):

@@ -12,10 +12,11 @@ from torch import nn
 import mos_kernels
 from mos_kernels import reference
 from mos_models.common import (ElasticEmbedding, ElasticLayerNorm, ElasticLinear, EvolutionConfig,
-                               GeneSpace, ProgressBar, arch_rng, evolutionary_search,
-                               latest_checkpoint, load_training_state, measure_latency,
-                               sample_archs, sandwich_step, save_checkpoint, save_training_state,
-                               set_backend, trimmed_mean, warmup_cosine, warmup_cosine_factor)
+                               GeneSpace, MixedPrecision, ProgressBar, arch_rng,
+                               evolutionary_search, latest_checkpoint, load_training_state,
+                               measure_latency, sample_archs, sandwich_step, save_checkpoint,
+                               save_training_state, set_backend, trimmed_mean, warmup_cosine,
+                               warmup_cosine_factor)
 from mos_models.common import checkpoint as ckpt_module
 
 FUSED = [b for b in mos_kernels.available_backends("cpu") if b != "reference"]
@@ -294,6 +295,32 @@ def test_sampling_and_sandwich_step_sum_gradients():
             expected[n] += p.grad
     for n in summed:
         torch.testing.assert_close(summed[n], expected[n])
+
+
+def test_mixed_precision_step():
+    with pytest.raises(ValueError, match=r"amp must be one of \('off', 'bf16', 'fp16'\)"):
+        MixedPrecision("fp8")
+    space = ToySupernet.space
+    archs = sample_archs(space, arch_rng(1, 5))
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+    torch.manual_seed(6)
+    reference_model = ToySupernet()
+    sandwich_step(reference_model, archs, _toy_loss(x, y))
+    for mode in ("bf16", "fp16"):
+        torch.manual_seed(6)
+        model = ToySupernet()
+        precision = MixedPrecision(mode, "cpu")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = sandwich_step(model, archs, _toy_loss(x, y), precision)
+        assert all(torch.isfinite(torch.tensor(losses)))
+        if mode == "fp16":  # the loss was scaled: gradients are 2**16 times the fp32 ones
+            assert precision.scaler.get_scale() == 2.0**16
+        norm = precision.step(optimizer, model.parameters(), clip_norm=1e9)
+        for (n, p), q in zip(model.named_parameters(), reference_model.parameters()):
+            assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, n
+            # after unscale_, the gradients are the fp32 ones up to the autocast rounding
+            torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=0.05 * q.grad.abs().max())
+        assert torch.isfinite(norm)
 
 
 def test_warmup_cosine_and_progress_bar():

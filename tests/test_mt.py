@@ -311,19 +311,21 @@ def _train_args(data, out, **kw):
     return TrainArgs(**base)
 
 
-def test_resume_continues_exactly_where_a_killed_run_stopped(corpus, tmp_path):
+@pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: the loss scaler's state resumes too
+def test_resume_continues_exactly_where_a_killed_run_stopped(corpus, tmp_path, amp):
     data = corpus[0]
     straight = tmp_path / "straight"
-    train(_train_args(data, straight), log=lambda m: None)
+    train(_train_args(data, straight, amp=amp), log=lambda m: None)
     killed = tmp_path / "killed"
     killed.mkdir()
     for name in ("run.pt", "run.json", "spm.model", "checkpoint_2.pt"):
         shutil.copy(straight / name, killed / name)  # as if killed right after step 2
-    result = train(_train_args(data, killed, resume=True), log=lambda m: None)
+    result = train(_train_args(data, killed, resume=True, amp=amp), log=lambda m: None)
     assert result["step"] == 4
     a = load_checkpoint(straight / "checkpoint_4.pt")
     b = load_checkpoint(killed / "checkpoint_4.pt")
     assert a["extra"]["position"] == b["extra"]["position"]
+    assert a["extra"]["scaler"] == b["extra"]["scaler"]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
     for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):

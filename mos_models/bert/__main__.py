@@ -48,7 +48,8 @@ def cmd_train(args):
                     warmup_steps=args.warmup_steps, dropout=args.dropout,
                     pre_norm={"pre": True, "post": False}[args.norm],
                     steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
-                    backend=args.backend, checkpoint_minutes=args.checkpoint_minutes)
+                    backend=args.backend, amp=args.amp,
+                    checkpoint_minutes=args.checkpoint_minutes)
     train(cfg, args.out, resume=args.resume, device=args.device)
 
 
@@ -132,6 +133,8 @@ def main(argv=None):
                                                          "cuda"])
     t.add_argument("--checkpoint-minutes", type=float, default=2.0)
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="mixed precision: autocast forward passes (fp16 adds loss scaling)")
     t.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per process (0: torch's default)")
     t.set_defaults(func=cmd_train)

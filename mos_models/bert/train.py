@@ -20,9 +20,10 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from mos_models.common import (ProgressBar, arch_rng, cleanup_distributed, init_distributed,
-                               load_training_state, sample_archs, sandwich_step,
-                               save_training_state, warmup_cosine_factor, wrap_ddp)
+from mos_models.common import (MixedPrecision, ProgressBar, arch_rng, cleanup_distributed,
+                               init_distributed, load_training_state, sample_archs,
+                               sandwich_step, save_training_state, warmup_cosine_factor,
+                               wrap_ddp)
 from mos_models.common.checkpoint import latest_checkpoint, load_checkpoint
 from mos_models.common.training import barrier
 from .data import load_blocks, load_meta, mask_tokens, unigram_perplexity
@@ -52,6 +53,7 @@ class RunConfig:
     max_minutes: Optional[float] = None
     seed: int = 0
     backend: str = "auto"
+    amp: str = "off"          # off | bf16 | fp16: mixed precision (GPUs)
     checkpoint_minutes: float = 2.0
     vocab_size: int = 0       # filled from the data
     space_def: Dict = field(default_factory=dict)  # filled: the space's to_dict()
@@ -174,7 +176,8 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
         with open(config_path) as f:
             saved = json.load(f)
         # the run's architecture settings win; max_minutes and checkpointing may change
-        keep = {k: getattr(cfg, k) for k in ("max_minutes", "checkpoint_minutes", "backend")}
+        keep = {k: getattr(cfg, k)
+                for k in ("max_minutes", "checkpoint_minutes", "backend", "amp")}
         cfg = RunConfig(**{**saved, **keep})
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue "
@@ -182,11 +185,14 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
     torch.manual_seed(cfg.seed)
     model = build_supernet(cfg).to(dev)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    precision = MixedPrecision(cfg.amp, torch.device(dev).type)
     step, elapsed = 0, 0.0
     if resume:
         state = load_training_state(out_dir, model, optimizer, map_location=dev)
         if state is not None:
             step, elapsed = state["step"], state["extra"].get("elapsed", 0.0)
+            if "scaler" in state["extra"]:
+                precision.scaler.load_state_dict(state["extra"]["scaler"])
             if info.is_main:
                 log(f"resumed from {state['path']} at step {step} ({elapsed / 60:.1f} min)")
     if info.is_main:
@@ -215,7 +221,7 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
         if budget is not None and elapsed >= budget:
             break
         if step > first and elapsed - saved_at >= 60 * cfg.checkpoint_minutes:
-            _save(out_dir, step, model, optimizer, elapsed, info)
+            _save(out_dir, step, model, optimizer, elapsed, info, precision)
             saved_at = elapsed
         virtual = step if budget is None else max(step, int(cfg.steps * elapsed / budget))
         lr = cfg.lr * warmup_cosine_factor(virtual, cfg.warmup_steps, cfg.steps)
@@ -228,14 +234,13 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
         inputs, labels = inputs.to(dev), labels.to(dev)
         archs = sample_archs(space, arch_rng(cfg.seed, step), cfg.sampling)
         optimizer.zero_grad(set_to_none=True)
-        losses = sandwich_step(ddp, archs, loss_fn)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        losses = sandwich_step(ddp, archs, loss_fn, precision)
+        precision.step(optimizer, model.parameters(), 1.0)
         step += 1
         bar.update(1, loss=sum(losses) / len(losses), big=losses[0], lr=lr)
     bar.close()
     elapsed = _shared_elapsed(time.monotonic() - start, info)
-    _save(out_dir, step, model, optimizer, elapsed, info)
+    _save(out_dir, step, model, optimizer, elapsed, info, precision)
     metrics = {}
     if info.is_main:
         metrics = final_metrics(model, cfg, dev)
@@ -247,9 +252,10 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
     return metrics
 
 
-def _save(out_dir, step, model, optimizer, elapsed, info) -> None:
+def _save(out_dir, step, model, optimizer, elapsed, info, precision) -> None:
     if info.is_main:
-        save_training_state(out_dir, step, model, optimizer, extra={"elapsed": elapsed})
+        save_training_state(out_dir, step, model, optimizer,
+                            extra={"elapsed": elapsed, "scaler": precision.scaler.state_dict()})
     barrier(info)
 
 

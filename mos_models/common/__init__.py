@@ -4,7 +4,8 @@
   ElasticEmbedding, ElasticLayerNorm, set_backend.
 - checkpoint: atomic save, load-latest, full training state for --resume.
 - evolution: GeneSpace (named genes with choices) and evolutionary_search (HAT's settings).
-- training: sandwich/SPOS sampling and step, torchrun/DDP setup, warmup+cosine, ProgressBar.
+- training: sandwich/SPOS sampling and step, mixed precision (--amp), torchrun/DDP setup,
+  warmup+cosine, ProgressBar.
 - timing: warm-up + many runs + trimmed mean, for latency measurement.
 """
 from .checkpoint import (latest_checkpoint, load_checkpoint, load_training_state,
@@ -12,12 +13,12 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, load_training_state
 from .elastic import ElasticEmbedding, ElasticLayerNorm, ElasticLinear, set_backend
 from .evolution import EvolutionConfig, GeneSpace, SearchResult, evolutionary_search
 from .timing import measure_latency, time_runs, trimmed_mean
-from .training import (DistInfo, ProgressBar, arch_rng, cleanup_distributed, init_distributed,
-                       sample_archs, sandwich_step, unwrap, warmup_cosine, warmup_cosine_factor,
-                       wrap_ddp)
+from .training import (AMP, DistInfo, MixedPrecision, ProgressBar, arch_rng, cleanup_distributed,
+                       init_distributed, sample_archs, sandwich_step, unwrap, warmup_cosine,
+                       warmup_cosine_factor, wrap_ddp)
 
 __all__ = [
-    "DistInfo", "ElasticEmbedding", "ElasticLayerNorm", "ElasticLinear", "EvolutionConfig",
+    "AMP", "DistInfo", "MixedPrecision", "ElasticEmbedding", "ElasticLayerNorm", "ElasticLinear", "EvolutionConfig",
     "GeneSpace", "ProgressBar", "SearchResult", "arch_rng", "cleanup_distributed",
     "evolutionary_search", "init_distributed", "latest_checkpoint", "load_checkpoint",
     "load_training_state", "measure_latency", "sample_archs", "sandwich_step", "save_checkpoint",

@@ -1,5 +1,5 @@
-"""Training helpers shared by the supernets: sandwich/SPOS sampling, the sandwich step,
-torchrun/DDP setup, the warmup + cosine schedule and a plain progress bar.
+"""Training helpers shared by the supernets: sandwich/SPOS sampling, the sandwich step, mixed
+precision, torchrun/DDP setup, the warmup + cosine schedule and a plain progress bar.
 
 A supernet here is an nn.Module with ``set_arch(arch)``, where ``arch`` comes from a
 ``GeneSpace`` (mos_models.common.evolution). Architectures are drawn from ``arch_rng(seed, step)``,
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .evolution import Arch, GeneSpace
 
 SAMPLING = ("sandwich", "spos")
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def arch_rng(seed: int, step: int) -> random.Random:
@@ -45,14 +46,45 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+class MixedPrecision:
+    """``--amp off|bf16|fp16``: forward passes under torch.autocast in that dtype (parameters and
+    optimizer state stay fp32); fp16 also scales the loss (torch.amp.GradScaler), bf16 needs no
+    scaling. With "off" every method is a plain fp32 step."""
+
+    def __init__(self, mode: str = "off", device_type: str = "cpu"):
+        if mode not in AMP:
+            raise ValueError(f"amp must be one of {tuple(AMP)}, got {mode!r}")
+        self.mode, self.dtype, self.device_type = mode, AMP[mode], device_type
+        self.scaler = torch.amp.GradScaler(device_type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params, clip_norm: float) -> Tensor:
+        """Unscales the gradients, clips them to ``clip_norm``, steps (fp16: skips a step whose
+        gradients overflowed) and returns the gradient norm before clipping."""
+        self.scaler.unscale_(optimizer)
+        norm = nn.utils.clip_grad_norm_(params, clip_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return norm
+
+
 def sandwich_step(model: nn.Module, archs: List[Arch],
-                  loss_fn: Callable[[nn.Module, Arch], Tensor]) -> List[float]:
+                  loss_fn: Callable[[nn.Module, Arch], Tensor],
+                  precision: Optional[MixedPrecision] = None) -> List[float]:
     """Forward and backward of every architecture in ``archs``; gradients are summed in .grad
-    (zero them before, step the optimizer after). ``loss_fn(model, arch)`` runs the forward
-    through ``model`` (the DDP wrapper, if any) after this function has called
-    ``set_arch(arch)`` on the unwrapped supernet. Under DDP only the last backward all-reduces
-    (the others run in ``no_sync``), which averages the summed gradients over the ranks.
-    Returns the losses as floats."""
+    (zero them before, step the optimizer after: ``precision.step`` when one is given).
+    ``loss_fn(model, arch)`` runs the forward through ``model`` (the DDP wrapper, if any) after
+    this function has called ``set_arch(arch)`` on the unwrapped supernet. Under DDP only the
+    last backward all-reduces (the others run in ``no_sync``), which averages the summed
+    gradients over the ranks. Returns the losses as floats."""
+    precision = precision or MixedPrecision()
     losses = []
     inner = unwrap(model)
     for i, arch in enumerate(archs):
@@ -60,8 +92,9 @@ def sandwich_step(model: nn.Module, archs: List[Arch],
         last = i == len(archs) - 1
         sync = nullcontext() if last or inner is model else model.no_sync()
         with sync:
-            loss = loss_fn(model, arch)
-            loss.backward()
+            with precision.autocast():
+                loss = loss_fn(model, arch)
+            precision.backward(loss)
         losses.append(float(loss.detach()))
     return losses
 

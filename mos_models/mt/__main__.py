@@ -3,6 +3,7 @@
     data      --lang LANG --out DIR
     train     --data DIR --out RUN --preset tiny [--supernet neuron|layer|standard]
               [--sampling sandwich|spos] [--max-minutes N] [--resume] [--from-model DIR]
+              [--amp off|bf16|fp16]
     translate (--run RUN --arch largest|smallest|ARCH.json | --model DIR --data DIR)
               --split test --json OUT.json
     search    --run RUN --latency-ms X [Y ...] --json OUT.json
@@ -33,7 +34,7 @@ def cmd_train(a) -> None:
     args = TrainArgs(data=a.data, out=a.out, preset=a.preset, supernet=a.supernet,
                      sampling=a.sampling, max_minutes=a.max_minutes, max_steps=a.max_steps,
                      max_tokens=a.max_tokens, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
-                     resume=a.resume, backend=a.backend, device=a.device,
+                     resume=a.resume, backend=a.backend, device=a.device, amp=a.amp,
                      save_every=a.save_every, from_model=a.from_model,
                      progress=not a.no_progress)
     train(args, log=_log)
@@ -126,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="auto",
                    choices=["auto", "reference", "cpu", "triton", "cuda"])
     t.add_argument("--device", default=None)
+    t.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="mixed precision: autocast forward passes (fp16 adds loss scaling)")
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--from-model", default=None,
                    help="an exported model directory to train further on its own")

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..common import checkpoint as ckpt
-from ..common.training import (DistInfo, ProgressBar, all_reduce_mean, arch_rng, barrier,
-                               init_distributed, sample_archs, sandwich_step, unwrap,
+from ..common.training import (DistInfo, MixedPrecision, ProgressBar, all_reduce_mean, arch_rng,
+                               barrier, init_distributed, sample_archs, sandwich_step, unwrap,
                                warmup_cosine_factor, wrap_ddp)
 from .config import PRESETS
 from .data import (Tokenizer, collate, detect_lang, epoch_batches, load_split, make_batches,
@@ -43,6 +43,7 @@ class TrainArgs:
     resume: bool = False
     backend: str = "auto"
     device: Optional[str] = None
+    amp: str = "off"                    # off | bf16 | fp16 (mixed precision on GPUs)
     num_experts: int = 2
     router_hidden: int = 128
     save_every: int = 200               # steps between checkpoints (also on exit)
@@ -119,12 +120,15 @@ def train(args: TrainArgs, log=print) -> Dict:
     static = isinstance(model, StaticTransformer)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98),
                                  eps=1e-8)
+    precision = MixedPrecision(args.amp, torch.device(info.device).type)
     step, epoch, position, seconds = 0, 0, 0, 0.0
     if args.resume:
         state = ckpt.load_training_state(out, model, optimizer, map_location=info.device)
         if state is not None:
             step, extra = state["step"], state["extra"]
             epoch, position, seconds = extra["epoch"], extra["position"], extra["seconds"]
+            if "scaler" in extra:
+                precision.scaler.load_state_dict(extra["scaler"])
             if info.is_main:
                 log(f"resumed from {state['path']} at step {step} ({seconds:.0f}s trained)")
     if info.is_main:
@@ -152,7 +156,8 @@ def train(args: TrainArgs, log=print) -> Dict:
     def save():
         if info.is_main:
             ckpt.save_training_state(out, step, model, optimizer, extra={
-                "epoch": epoch, "position": position, "seconds": seconds})
+                "epoch": epoch, "position": position, "seconds": seconds,
+                "scaler": precision.scaler.state_dict()})
 
     while not stop:
         elapsed = all_reduce_mean(seconds + time.monotonic() - start, info)  # ranks agree
@@ -178,9 +183,8 @@ def train(args: TrainArgs, log=print) -> Dict:
                                                    arch_rng(args.seed, step), args.sampling)
         optimizer.zero_grad(set_to_none=True)
         losses = sandwich_step(ddp, archs, lambda m, arch: loss_fn(
-            m(s, t_in), t_out, settings["label_smoothing"]))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["clip_norm"])
-        optimizer.step()
+            m(s, t_in), t_out, settings["label_smoothing"]), precision)
+        grad_norm = precision.step(optimizer, model.parameters(), settings["clip_norm"])
         step, position = step + 1, position + 1
         bar.update(1, loss=losses[0], lr=settings["lr"] * factor)
         if info.is_main and step % args.log_every == 0:
