@@ -151,20 +151,34 @@ def test_custom_op_and_eager_path_agree(backend, layerwise):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+# What torch.autocast runs in on this device (bf16 needs sm_80 on a GPU).
+AUTOCAST_DTYPE = torch.bfloat16
+if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+    AUTOCAST_DTYPE = torch.float16
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_compiled_module_has_no_graph_break(backend):
+def test_compiled_module_has_no_graph_break(backend, autocast):
     torch._dynamo.reset()
     mos_kernels.ops._resolved.clear()  # the backend is first resolved inside the compiled call
     layer = mos_kernels.MoSLinear(24, 16, num_experts=3, backend=backend).to(DEVICE)
     layer.set_arch(torch.rand(10), in_features=20, out_features=13)
     x = torch.randn(4, 5, 20, device=DEVICE)
     compiled = torch.compile(layer, fullgraph=True)
-    y = compiled(x)
-    y.square().sum().backward()
+
+    def context():
+        return torch.autocast(DEVICE.type, dtype=AUTOCAST_DTYPE, enabled=autocast)
+
+    with context():
+        y = compiled(x)
+    y.float().square().sum().backward()
     grads = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
-    y_eager = layer(x)
-    y_eager.square().sum().backward()
+    with context():
+        y_eager = layer(x)
+    y_eager.float().square().sum().backward()
+    assert y.dtype == (AUTOCAST_DTYPE if autocast else torch.float32)
     torch.testing.assert_close(y, y_eager)
     for g, p in zip(grads, layer.parameters()):
         torch.testing.assert_close(g, p.grad)
@@ -174,9 +188,7 @@ def test_compiled_module_has_no_graph_break(backend):
 def test_autocast_computes_in_the_autocast_dtype(backend):
     """fp32 inputs under torch.autocast: the op runs in the autocast dtype (as F.linear does) and
     the gradients come back in fp32, matching the float64 reference of the rounded inputs."""
-    dtype = torch.bfloat16
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 8:
-        dtype = torch.float16
+    dtype = AUTOCAST_DTYPE
     tensors = make_inputs(33, 20, 13, 24, 16, 3, False, "expert", torch.float32)
     dy = torch.randn(33, 13, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     with torch.autocast(DEVICE.type, dtype=dtype):
