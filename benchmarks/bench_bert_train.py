@@ -28,7 +28,7 @@ from mos_models.bert.data import NUM_SPECIAL, mask_tokens  # noqa: E402
 from mos_models.bert.model import BertSupernet  # noqa: E402
 from mos_models.bert.space import PRESETS, get_space  # noqa: E402
 from mos_models.bert.train import make_optimizer  # noqa: E402
-from mos_models.common import sandwich_step, set_backend  # noqa: E402
+from mos_models.common import AMP, MixedPrecision, sandwich_step, set_backend  # noqa: E402
 
 from bench_op import Clock, environment  # noqa: E402  (this folder is on sys.path)
 
@@ -50,6 +50,9 @@ def main(argv=None):
                     help="default 4000 (tiny), 30522 (full)")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES),
                     help="default float32 on CPU, bfloat16 on CUDA (parameters too)")
+    ap.add_argument("--amp", default="off", choices=list(AMP),
+                    help="autocast the forward passes as the trainers' --amp does (use with "
+                         "--dtype float32)")
     ap.add_argument("--reps", type=int, default=None, help="default 10 on CPU, 30 on CUDA")
     ap.add_argument("--json", default=None,
                     help="default benchmarks/results/bert_train_<device>.json")
@@ -81,19 +84,19 @@ def main(argv=None):
     standard, mos = build("standard"), build(args.granularity)
     providers = {"standard": (standard, "auto"), "mos-naive": (mos, "reference"),
                  "mos-fused": (mos, "auto")}
+    precision = {name: MixedPrecision(args.amp, device.type) for name in providers}
 
     def step(name):
         (model, opt), backend = providers[name]
         set_backend(model, backend)
         opt.zero_grad(set_to_none=True)
-        sandwich_step(model, archs, lambda net, arch: net(inputs, labels))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        sandwich_step(model, archs, lambda net, arch: net(inputs, labels), precision[name])
+        precision[name].step(opt, model.parameters(), 1.0)
 
     env = environment(device)
     fused = mos_kernels.resolve_backend("auto", device)
     print(f"# {env['device']} | {env['date']} | commit {env['commit']} | torch {env['torch']} | "
-          f"{env['threads']} threads | {dtype} | auto -> {fused}")
+          f"{env['threads']} threads | {dtype} | amp {args.amp} | auto -> {fused}")
     print(f"# {space.name} space ({preset}), {args.granularity}-wise MoS, m={args.experts}, "
           f"batch {batch} x {seq_len} tokens, vocab {vocab}, sandwich of 3 archs + AdamW")
     for name in providers:   # warm-up
@@ -120,7 +123,8 @@ def main(argv=None):
                                      f"bert_train_{device.type}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
-        json.dump(dict(environment=env, fused_backend=fused, dtype=str(dtype), preset=preset,
+        json.dump(dict(environment=env, fused_backend=fused, dtype=str(dtype), amp=args.amp,
+                       preset=preset,
                        space=space.name, granularity=args.granularity, experts=args.experts,
                        batch=batch, seq_len=seq_len, vocab=vocab, reps=reps, params=params,
                        median_s=med, times_s=times, ratios=ratios, command=" ".join(sys.argv)),

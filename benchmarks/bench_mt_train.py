@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mos_kernels import resolve_backend  # noqa: E402
-from mos_models.common import arch_rng, sample_archs, sandwich_step  # noqa: E402
+from mos_models.common import (AMP, MixedPrecision, arch_rng, sample_archs,  # noqa: E402
+                               sandwich_step)
 from mos_models.mt.config import PRESETS  # noqa: E402
 from mos_models.mt.model import MTSupernet, loss_fn  # noqa: E402
 from mos_models.mt.train import evaluate_loss  # noqa: E402
@@ -56,23 +57,22 @@ def build(kind, backend, preset, vocab, device):
     return model, opt
 
 
-def train_step(model, opt, batch, archs, device):
+def train_step(model, opt, batch, archs, device, precision):
     """Returns (milliseconds of the forward+backward passes, of the whole step)."""
     src, t_in, t_out = batch
     synchronize(device)
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    sandwich_step(model, archs, lambda m, a: loss_fn(m(src, t_in), t_out, 0.1))
+    sandwich_step(model, archs, lambda m, a: loss_fn(m(src, t_in), t_out, 0.1), precision)
     synchronize(device)
     middle = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    precision.step(opt, model.parameters(), 1.0)
     synchronize(device)
     end = time.perf_counter()
     return (middle - start) * 1e3, (end - start) * 1e3
 
 
-def bench_shape(name, kinds, reps, warmup, device, search_archs, log):
+def bench_shape(name, kinds, reps, warmup, device, search_archs, log, amp="off"):
     preset, vocab, batch, s_len, t_len = SHAPES[name]
     providers = {"standard": build("standard", "auto", preset, vocab, device)}
     for kind in kinds:
@@ -83,20 +83,21 @@ def bench_shape(name, kinds, reps, warmup, device, search_archs, log):
     times = {p: [] for p in providers}
     passes = {p: [] for p in providers}
     names = list(providers)
+    precision = {p: MixedPrecision(amp, device.type) for p in providers}
     for rep in range(warmup + reps):
         batch_data = make_batch(vocab, batch, s_len, t_len, device, rep)
         archs = sample_archs(space, arch_rng(0, rep))
         order = names[rep % len(names):] + names[:rep % len(names)]
         for p in order:
             model, opt = providers[p]
-            fwd_bwd, total = train_step(model, opt, batch_data, archs, device)
+            fwd_bwd, total = train_step(model, opt, batch_data, archs, device, precision[p])
             if rep >= warmup:
                 times[p].append(total)
                 passes[p].append(fwd_bwd)
     median = {p: statistics.median(t) for p, t in times.items()}
     median_passes = {p: statistics.median(t) for p, t in passes.items()}
     result = {"shape": name, "preset": preset, "vocab": vocab, "batch": batch,
-              "src_len": s_len, "tgt_len": t_len, "fused_backend": fused, "reps": reps,
+              "src_len": s_len, "tgt_len": t_len, "fused_backend": fused, "amp": amp, "reps": reps,
               "median_ms": median, "median_forward_backward_ms": median_passes,
               "params": {p: sum(x.numel() for x in m.parameters())
                          for p, (m, _) in providers.items()}}
@@ -157,6 +158,8 @@ def main(argv=None):
     ap.add_argument("--search-archs", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--amp", default="off", choices=list(AMP),
+                    help="autocast the forward passes as the trainer's --amp does")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -166,8 +169,8 @@ def main(argv=None):
     log(f"torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
            f", {torch.get_num_threads()} threads"))
-    results = [bench_shape(s, a.kinds.split(","), a.reps, a.warmup, device, a.search_archs, log)
-               for s in a.shapes.split(",")]
+    results = [bench_shape(s, a.kinds.split(","), a.reps, a.warmup, device, a.search_archs, log,
+                           a.amp) for s in a.shapes.split(",")]
     if a.json:
         Path(a.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
                                             "threads": torch.get_num_threads(),
