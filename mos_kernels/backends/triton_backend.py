@@ -313,9 +313,12 @@ if triton is not None:
         return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
     # (token, output, reduction) tiles for the forward and dx GEMMs; the first is the one used
-    # for small problems.
+    # for small problems. The weight tile is recombined once per token tile, so the tall tiles
+    # (256 tokens) halve that work at large token counts.
     _GEMM_CONFIGS = [
         _config(4, 3, BLOCK_T=32, BLOCK_N=64, BLOCK_K=32, GROUP=8),
+        _config(8, 3, BLOCK_T=256, BLOCK_N=128, BLOCK_K=32, GROUP=8),
+        _config(8, 3, BLOCK_T=256, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, GROUP=8),
