@@ -81,7 +81,8 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
     Returns (..., n_out). Differentiable in x, experts, beta and bias. Under torch.autocast it
     computes in the autocast dtype, as F.linear does.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         # Like F.linear under autocast: floating inputs other than float64 go in the autocast
         # dtype (autograd casts their gradients back), and the op runs with autocast off.
         device_type = x.device.type

@@ -222,6 +222,14 @@ def test_backend_choice():
             mos_kernels.resolve_backend("triton", "cuda")
 
 
+def test_meta_tensors_give_shapes():
+    # Shape inference on the meta device (no data, no autocast there) runs the reference form.
+    x = torch.empty(3, 7, 20, device="meta")
+    experts = torch.empty(2, 16, 24, device="meta")
+    y = mos_kernels.mos_linear(x, experts, torch.empty(13, 2, device="meta"))
+    assert y.shape == (3, 7, 13) and y.device.type == "meta"
+
+
 def test_reference_backend_matches_reference_function():
     x, experts, beta, bias = make_inputs(5, 6, 4, 8, 5, 2, False, "expert", torch.float64,
                                          device="cpu")
