@@ -184,6 +184,21 @@ def test_compiled_module_has_no_graph_break(backend, autocast):
         torch.testing.assert_close(g, p.grad)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiled_with_cuda_graphs(backend):
+    # mode="reduce-overhead" replays the captured kernels: no host work per call, which is what
+    # small layers on a GPU need. The op must allocate and launch only on the current stream.
+    torch._dynamo.reset()
+    layer = mos_kernels.MoSLinear(64, 48, num_experts=2, backend=backend).to(DEVICE)
+    layer.set_arch(torch.rand(10), in_features=40, out_features=33)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):  # warm-up runs, then captured replays
+        x = torch.randn(8, 40, device=DEVICE)
+        y = compiled(x).clone()
+        torch.testing.assert_close(y, layer(x), msg=lambda m: f"step {step}: {m}")
+
+
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
 def test_autocast_computes_in_the_autocast_dtype(backend):
     """fp32 inputs under torch.autocast: the op runs in the autocast dtype (as F.linear does) and
