@@ -1,8 +1,9 @@
 """The CUDA backend's elementwise kernels (csrc/cuda/mos_linear_elementwise.cuh: W_a's combine, the
-experts' gradient from cuBLAS's G with the dbeta partials, dbeta and dbias) run on the CPU, unit by
-unit over the kernels' own grid (tests/cuda_emulation.cpp), against the float64 reference. Shapes
-cover both of a unit's paths (16-byte vectors, and element by element for units that straddle the
-slice's edge or rows that are unaligned or strided). Needs nvcc for the CUDA headers, no GPU."""
+experts' gradient from cuBLAS's G with the dbeta partials, the column sums of dy, dbeta and dbias)
+run on the CPU, unit by unit over the kernels' own grid (tests/cuda_emulation.cpp), against the
+float64 reference. Shapes cover both of a unit's paths (16-byte vectors, and element by element for
+units that straddle the slice's edge or rows that are unaligned or strided). Needs nvcc for the
+CUDA headers, no GPU."""
 import ctypes
 import os
 import shutil
@@ -18,7 +19,6 @@ NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA headers) on PATH")
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-BIAS_KINDS = {"none": 0, "shared": 1, "expert": 2}
 
 
 class Matrix(ctypes.Structure):
