@@ -584,19 +584,16 @@ __global__ void finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, 
 
 // ------------------------------------------------------------------------------ launchers
 
-bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Whether 16-byte loads along the last dimension are safe.
+// Whether the one-pass kernels' 16-byte loads along the last dimension are safe (the same test
+// as the elementwise units', with the tile loaders' vector width).
 template <typename T>
 bool vectorisable(const Matrix& a) {
-  constexpr int VEC = Tiles<T>::kVec;
-  return a.col_stride == 1 && a.row_stride % VEC == 0 && aligned(a.data);
+  return aligned_rows(a.data, a.row_stride, a.col_stride, Tiles<T>::kVec);
 }
 template <typename T>
 bool vectorisable(const Mixture& mix) {
-  constexpr int VEC = Tiles<T>::kVec;
-  return mix.col_stride == 1 && mix.row_stride % VEC == 0 && mix.expert_stride % VEC == 0 &&
-         aligned(mix.experts);
+  return aligned_rows(mix.experts, mix.row_stride, mix.col_stride, Tiles<T>::kVec) &&
+         mix.expert_stride % Tiles<T>::kVec == 0;
 }
 
 constexpr int64_t kMaxGridY = 65535;
