@@ -6,6 +6,8 @@ Providers:
   dense    what a standard supernet does: F.linear(x, W[:n_out, :n_in], b[:n_out])
   <fused>  every fused backend available on the device (cpu; triton, cuda), and with --strategies
            each strategy a backend offers (e.g. triton:onepass, triton:combine)
+  <fused>+saved  with --saved: the same backend with save_mixed_weight=True (W_a built once and
+           kept for the backward)
 
 Modes: fwd (forward with autograd recording, as in training), bwd (backward alone), fwdbwd.
 Each repetition runs every provider once in a shuffled order; the table shows medians and the
@@ -62,13 +64,15 @@ class Clock:
         return time.perf_counter() - begin
 
 
-def fused_providers(device, strategies):
+def fused_providers(device, strategies, saved=False):
     """(label, backend, strategy) for every fused backend that runs on the device."""
     out = []
     for name in mos_kernels.available_backends(device):
         if name == "reference":
             continue
         out.append((name, name, None))
+        if saved:
+            out.append((f"{name}+saved", name, None))
         module = backends.load(name)
         if strategies and hasattr(module, "STRATEGIES"):
             out += [(f"{name}:{s}", name, s) for s in module.STRATEGIES]
@@ -100,7 +104,8 @@ def forward_fn(label, backend, case):
         return lambda: F.linear(case["x"], case["weight"][:n_out, :n_in],
                                 case["dense_bias"][:n_out])
     return lambda: mos_kernels.mos_linear(case["x"], case["experts"], case["beta"], case["bias"],
-                                          backend=backend)
+                                          backend=backend,
+                                          save_mixed_weight=label.endswith("+saved"))
 
 
 @contextlib.contextmanager
@@ -253,6 +258,8 @@ def main(argv=None):
                          "CUDA, where one call's host work would otherwise be what is timed)")
     ap.add_argument("--strategies", action="store_true",
                     help="also time each strategy of a fused backend")
+    ap.add_argument("--saved", action="store_true",
+                    help="also time each fused backend with save_mixed_weight=True")
     ap.add_argument("--no-eval-cache", action="store_true")
     ap.add_argument("--out", default=None,
                     help="prefix of the .json and .png files (default benchmarks/results/op_<device>)")
@@ -264,7 +271,7 @@ def main(argv=None):
     iters = args.iters or (20 if device.type == "cuda" else 1)
     clock = Clock(device)
     random.seed(0)
-    fused = fused_providers(device, args.strategies)
+    fused = fused_providers(device, args.strategies, args.saved)
     if not fused:
         sys.exit(f"no fused backend runs on {device}: {mos_kernels.available_backends(device)}")
     providers = [("naive", None, None), ("dense", None, None)] + fused

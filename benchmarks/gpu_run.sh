@@ -43,7 +43,8 @@ fi
 
 if [[ $steps == *,bench,* ]]; then
   timeout "${BENCH_SECONDS:-900}" python benchmarks/bench_op.py --device cuda --dtype bfloat16 \
-    --tokens 512 2048 4096 8192 16384 --modes fwd bwd fwdbwd --strategies --reps 20 --iters 20 --no-eval-cache \
+    --tokens 512 2048 4096 8192 16384 --modes fwd bwd fwdbwd --strategies --saved --reps 20 \
+    --iters 20 --no-eval-cache \
     --out "$out/op_cuda_bf16" "$@" > "$out/bench.log" 2>&1
   echo "bench: exit $?"; cat "$out/bench.log"
 fi

@@ -14,11 +14,14 @@ launch cost. Forms (DESIGN.md section 1):
            kernels are latency-bound and measured far above it (--measure shows by how much)
   gemm     combine-then-GEMM (the "cuda" backend's gemm strategy): one pass writes W_a, then the
            vendor GEMM; backward: dx and G by the vendor GEMM, then one epilogue pass
+  saved    gemm with save_mixed_weight=True: W_a kept from the forward, so the backward does not
+           combine it again (n_out x n_in more memory until the backward)
 
-The MoS overhead is min(fused, gemm) / dense. All numbers are predictions from datasheet peaks
-(PEAKS below), not measurements; with --measure, on a CUDA GPU, the script also times the same
-forms there (this repository's "cuda" backend with MOS_CUDA_STRATEGY=fused|gemm; GPU time per
-call, the host's launch overhead hidden) and puts them beside the prediction for that GPU.
+The MoS overhead is min(fused, gemm, saved) / dense. All numbers are predictions from datasheet
+peaks (PEAKS below), not measurements; with --measure, on a CUDA GPU, the script also times the
+same forms there (this repository's "cuda" backend with MOS_CUDA_STRATEGY=fused|gemm, and with
+save_mixed_weight=True; GPU time per call, the host's launch overhead hidden) and puts them
+beside the prediction for that GPU.
 
     python benchmarks/roofline.py --out benchmarks/results/roofline.json
     python benchmarks/roofline.py --measure --out benchmarks/results/roofline_h100.json
@@ -115,11 +118,12 @@ def kernels(form, shape, tokens, m, backward):
                 Kernel("G = dy^T x + epilogue", gemm, 3.0 * m * NK,
                        T * N + T * K + m * NK + m * NK, wmma=True),
                 Kernel("dbeta/dbias finish", 0, 0, 2 * m * N)]
-    if form == "gemm":
+    if form in ("gemm", "saved"):
         combine = Kernel("combine W_a", 0, 2.0 * m * NK, m * NK + NK)
         if not backward:
             return [combine, Kernel("addmm", gemm, 0, T * K + NK + T * N + N)]
-        return [combine, Kernel("dx = dy W_a", gemm, 0, T * N + NK + T * K),
+        again = [combine] if form == "gemm" else []  # saved: W_a kept from the forward
+        return again + [Kernel("dx = dy W_a", gemm, 0, T * N + NK + T * K),
                 Kernel("G = dy^T x", gemm, 0, T * N + T * K + NK),
                 Kernel("column sums of dy", 0, T * N, T * N),
                 Kernel("epilogue dE (zeros outside the slice too), dbeta partials", 0,
@@ -128,7 +132,7 @@ def kernels(form, shape, tokens, m, backward):
     raise ValueError(form)
 
 
-FORMS = ("dense", "naive", "fused", "gemm")
+FORMS = ("dense", "naive", "fused", "gemm", "saved")
 
 
 def predict(device, shape, tokens, m):
@@ -139,7 +143,7 @@ def predict(device, shape, tokens, m):
         bwd = sum(k.seconds(peak) for k in kernels(form, shape, tokens, m, True))
         out[form] = dict(fwd=fwd, fwdbwd=fwd + bwd)
     for mode in ("fwd", "fwdbwd"):
-        best = min(("fused", "gemm"), key=lambda f: out[f][mode])
+        best = min(("fused", "gemm", "saved"), key=lambda f: out[f][mode])
         out[f"best_{mode}"] = best
         out[f"overhead_{mode}"] = out[best][mode] / out["dense"][mode]
     return out
@@ -160,7 +164,7 @@ def measure(shapes, tokens_list, experts, dtype_name, reps):
 
     dtype = getattr(torch, dtype_name)
     device = torch.device("cuda")
-    providers = ["dense", "naive", "fused", "gemm"]
+    providers = ["dense", "naive", "fused", "gemm", "saved"]
     if "triton" in mos_kernels.available_backends(device):
         providers.append("triton")
 
@@ -204,6 +208,9 @@ def measure(shapes, tokens_list, experts, dtype_name, reps):
                     if provider in ("fused", "gemm"):
                         os.environ["MOS_CUDA_STRATEGY"] = provider
                         return mos_kernels.mos_linear(x, experts_t, beta, bias, backend="cuda")
+                    if provider == "saved":
+                        return mos_kernels.mos_linear(x, experts_t, beta, bias, backend="cuda",
+                                                      save_mixed_weight=True)
                     return mos_kernels.mos_linear(x, experts_t, beta, bias, backend=provider)
 
                 row = {}
@@ -270,7 +277,8 @@ def main(argv=None):
     print("Predicted ms (float16; bfloat16 is the same on A100/H100 and not supported on V100).")
     print("overhead = best MoS form / dense slice; naive/best = naive over best MoS form.")
     head = (f"{'device':5} {'shape':19} {'T':>6} {'m':>2} {'mode':6} {'dense':>8} {'naive':>8} "
-            f"{'fused':>8} {'gemm':>8} {'best':>5} {'overhead':>8} {'naive/best':>10}")
+            f"{'fused':>8} {'gemm':>8} {'saved':>8} {'best':>5} {'overhead':>8} "
+            f"{'naive/best':>10}")
     print(head)
     for r in rows:
         if "measured" in r or r["dtype"] != "float16" or r["shape"] not in shown:

@@ -68,25 +68,34 @@ struct Dims {
   int64_t tokens, n_out, n_in, m, n_max, k_max;
 };
 
-Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
-           const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "mos_linear: x must be (T, n_in), got ", x.sizes());
+// The mixture's checks; x (tokens, n_in) is checked by check().
+Dims check_mixture(const Tensor& experts, const Tensor& beta, const c10::optional<Tensor>& bias,
+                   int64_t tokens, int64_t n_in) {
   TORCH_CHECK(experts.dim() == 3, "mos_linear: experts must be (m, N_max, K_max), got ",
               experts.sizes());
   TORCH_CHECK(beta.dim() == 2, "mos_linear: beta must be (n_out, m), got ", beta.sizes());
-  Dims d{x.size(0), beta.size(0), x.size(1), experts.size(0), experts.size(1), experts.size(2)};
+  Dims d{tokens, beta.size(0), n_in, experts.size(0), experts.size(1), experts.size(2)};
   TORCH_CHECK(beta.size(1) == d.m, "mos_linear: beta must have m = ", d.m, " columns");
   TORCH_CHECK(d.n_in <= d.k_max && d.n_out <= d.n_max, "mos_linear: active slice (", d.n_out,
               ", ", d.n_in, ") exceeds experts ", experts.sizes());
-  TORCH_CHECK(x.scalar_type() == experts.scalar_type() && x.scalar_type() == beta.scalar_type(),
-              "mos_linear: x, experts and beta must share one dtype");
+  TORCH_CHECK(experts.scalar_type() == beta.scalar_type(),
+              "mos_linear: experts and beta must share one dtype");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "mos_linear: bias dtype must match x");
+    TORCH_CHECK(bias->scalar_type() == experts.scalar_type(),
+                "mos_linear: bias dtype must match the experts'");
     TORCH_CHECK((bias->dim() == 1 && bias->size(0) == d.n_max) ||
                     (bias->dim() == 2 && bias->size(0) == d.m && bias->size(1) == d.n_max),
                 "mos_linear: bias must be (N_max,) or (m, N_max), got ", bias->sizes());
   }
   return d;
+}
+
+Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
+           const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "mos_linear: x must be (T, n_in), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == experts.scalar_type(),
+              "mos_linear: x, experts and beta must share one dtype");
+  return check_mixture(experts, beta, bias, x.size(0), x.size(1));
 }
 
 // beta in the accumulation type, contiguous (n_out, m): small, and it frees the loops below from
@@ -257,17 +266,82 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
   return {d_x, d_experts, d_beta, d_bias};
 }
 
+// W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); an empty b_a otherwise (a shared
+// bias is sliced by the caller: an op's outputs may not alias its inputs).
+std::tuple<Tensor, Tensor> combine_cpu(const Tensor& experts, const Tensor& beta,
+                                       const c10::optional<Tensor>& bias, int64_t n_in) {
+  const Dims d = check_mixture(experts, beta, bias, 0, n_in);
+  const bool expert_bias = bias.has_value() && bias->dim() == 2;
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, experts.scalar_type(),
+                                         "mos_combine", [&] {
+    const c10::optional<Tensor> mixed = expert_bias ? bias : c10::nullopt;
+    auto [weight, mixed_bias] = combine<scalar_t>(experts, beta, mixed, d);
+    return std::make_tuple(weight, expert_bias ? mixed_bias : experts.new_empty({0}));
+  });
+}
+
+// The experts', beta's and per-expert bias's gradients from those of W_a (d_weight, (n_out, n_in))
+// and b_a (d_mixed_bias, (n_out,); used only with a per-expert bias): the backward epilogue with
+// G = d_weight and the column sums of dy = d_mixed_bias.
+std::tuple<Tensor, Tensor, Tensor> combine_backward_cpu(const Tensor& d_weight,
+                                                        const c10::optional<Tensor>& d_mixed_bias,
+                                                        const Tensor& experts_in,
+                                                        const Tensor& beta,
+                                                        const c10::optional<Tensor>& bias,
+                                                        std::array<bool, 3> needs) {
+  TORCH_CHECK(d_weight.dim() == 2, "mos_combine backward: d_weight must be (n_out, n_in), got ",
+              d_weight.sizes());
+  const Dims d = check_mixture(experts_in, beta, bias, 0, d_weight.size(1));
+  TORCH_CHECK(d_weight.size(0) == d.n_out && d_weight.scalar_type() == experts_in.scalar_type(),
+              "mos_combine backward: d_weight must be (", d.n_out, ", ", d.n_in, ") ",
+              experts_in.scalar_type(), ", got ", d_weight.sizes(), " ", d_weight.scalar_type());
+  const bool expert_bias = bias.has_value() && bias->dim() == 2;
+  TORCH_CHECK(!expert_bias || (d_mixed_bias.has_value() && d_mixed_bias->dim() == 1 &&
+                               d_mixed_bias->size(0) == d.n_out),
+              "mos_combine backward: a per-expert bias needs d_mixed_bias of shape (", d.n_out,
+              ",)");
+  const bool want_bias = needs[2] && expert_bias;
+  const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
+  Tensor d_experts = experts.new_empty({0}), d_beta = experts.new_empty({0}),
+         d_bias = experts.new_empty({0});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, experts.scalar_type(),
+                                  "mos_combine_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    if (!(needs[0] || needs[1] || want_bias)) return;
+    const Tensor grad_rows = d_weight.to(acc_type).contiguous();
+    const Tensor row_sums =
+        expert_bias ? d_mixed_bias->to(acc_type).contiguous() : grad_rows.new_empty({0});
+    Tensor e_out = needs[0] ? at::empty(experts.sizes(), experts.options()) : Tensor();
+    if (e_out.defined()) advise_huge_pages(e_out);
+    Tensor beta_out =
+        needs[1] ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
+    Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
+    weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_as_acc<scalar_t>(beta),
+                                   expert_bias ? bias : c10::nullopt, d, e_out, beta_out, bias_out);
+    if (needs[0]) d_experts = e_out;
+    if (needs[1]) d_beta = beta_out.to(beta.scalar_type());
+    if (want_bias) d_bias = bias_out;
+  });
+  return {d_experts, d_beta, d_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mos_kernels_ext, m) {
   m.def("forward(Tensor x, Tensor experts, Tensor beta, Tensor? bias) -> Tensor");
   m.def("backward(Tensor dy, Tensor x, Tensor experts, Tensor beta, Tensor? bias, bool[4] needs)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("combine(Tensor experts, Tensor beta, Tensor? bias, int n_in) -> (Tensor, Tensor)");
+  m.def("combine_backward(Tensor d_weight, Tensor? d_mixed_bias, Tensor experts, Tensor beta, "
+        "Tensor? bias, bool[3] needs) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mos_kernels_ext, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("backward", &backward_cpu);
+  m.impl("combine", &combine_cpu);
+  m.impl("combine_backward", &combine_backward_cpu);
 }
 
 }  // namespace mos

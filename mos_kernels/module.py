@@ -32,12 +32,14 @@ class MoSLinear(nn.Module):
     the encoding divided by its maximum, i.e. the largest architecture).
 
     In eval mode with gradients off, the collapsed weight and bias are computed once per
-    architecture and parameter state and reused by plain F.linear.
+    architecture and parameter state and reused by plain F.linear. ``save_mixed_weight`` trades
+    memory for time in training (see mos_kernels.mos_linear).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  num_experts: int = 2, granularity: str = "neuron", arch_dim: int = 10,
-                 router_hidden: int = 128, backend: str = "auto", device=None, dtype=None):
+                 router_hidden: int = 128, backend: str = "auto", save_mixed_weight: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if granularity not in ("neuron", "layer"):
             raise ValueError(f"MoSLinear: granularity must be 'neuron' or 'layer', "
@@ -50,7 +52,7 @@ class MoSLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.granularity, self.arch_dim = num_experts, granularity, arch_dim
-        self.backend = backend
+        self.backend, self.save_mixed_weight = backend, save_mixed_weight
         self.experts = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = (nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias
                      else None)
@@ -123,7 +125,8 @@ class MoSLinear(nn.Module):
             weight, bias = self._cached_weights()
             return F.linear(x, weight, bias)
         return mos_linear(x, self.experts, self.router_scores(), self.bias,
-                          out_features=self.active_out, backend=self.backend)
+                          out_features=self.active_out, backend=self.backend,
+                          save_mixed_weight=self.save_mixed_weight)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -134,4 +137,5 @@ class MoSLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, num_experts={self.num_experts}, "
                 f"granularity={self.granularity!r}, active=({self.active_in}, {self.active_out}), "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}"
+                + (", save_mixed_weight=True" if self.save_mixed_weight else ""))

@@ -11,6 +11,7 @@ Python dispatch costs about 100 us of host time per forward with autograd on (me
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, reference
@@ -72,7 +73,8 @@ def available_backends(device="cpu") -> List[str]:
 
 
 def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] = None, *,
-               out_features: Optional[int] = None, backend: str = "auto") -> Tensor:
+               out_features: Optional[int] = None, backend: str = "auto",
+               save_mixed_weight: bool = False) -> Tensor:
     """y = x @ W_a^T + b_a with W_a = sum_i diag(beta[:, i]) experts[i, :n_out, :n_in].
 
     x: (..., n_in); experts: (m, N_max, K_max), read through the [:n_out, :n_in] slice, never
@@ -80,6 +82,11 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
     bias: None, shared (N_max,), or per expert (m, N_max) mixed by beta like the weights.
     Returns (..., n_out). Differentiable in x, experts, beta and bias. Under torch.autocast it
     computes in the autocast dtype, as F.linear does.
+
+    save_mixed_weight: build W_a (and b_a) once in the forward, run F.linear on it and keep it
+    for the backward, instead of combining W_a again there (or tile by tile in a one-pass
+    kernel). One pass over the m expert slices fewer per training step, for n_out * n_in more
+    memory held by the autograd graph until the backward.
     """
     if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
             and torch.is_autocast_enabled(x.device.type)):
@@ -91,12 +98,15 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
             t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
             and t.dtype != torch.float64 else t for t in (x, experts, beta, bias))
         with torch.autocast(device_type, enabled=False):
-            return mos_linear(x, experts, beta, bias, out_features=out_features, backend=backend)
+            return mos_linear(x, experts, beta, bias, out_features=out_features, backend=backend,
+                              save_mixed_weight=save_mixed_weight)
     dims = check_inputs(x, experts, beta, bias, out_features)
     name = resolve_backend(backend, x.device)
-    if name == "reference":
+    if name == "reference":  # builds W_a and keeps it for the backward anyway
         return reference.mos_linear(x, experts, beta, bias, out_features=out_features)
     beta_rows = beta.expand(dims.n_out, dims.num_experts)  # layer-wise: row stride 0, no copy
+    if save_mixed_weight:
+        return F.linear(x, *_mixed_weights(experts, beta_rows, bias, dims.n_in, name))
     x2d = x.reshape(-1, dims.n_in)
     if torch.compiler.is_compiling():
         y = torch.ops.mos_kernels.mos_linear(x2d, experts, beta_rows, bias, name)
@@ -164,3 +174,89 @@ def _backward(ctx, dy):
 
 
 _mos_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------- save_mixed_weight: W_a as a tensor
+
+def _mixed_weights(experts: Tensor, beta_rows: Tensor, bias: Optional[Tensor], n_in: int,
+                   backend: str) -> Tuple[Tensor, Optional[Tensor]]:
+    """W_a (n_out, n_in) and b_a (n_out,) or None, differentiable, for F.linear to use (and its
+    autograd node to keep). A shared bias is sliced here; only a per-expert one is mixed."""
+    expert_bias = bias if bias is not None and bias.dim() == 2 else None
+    args = (experts, beta_rows, expert_bias, n_in, backend)
+    if torch.compiler.is_compiling():
+        weight, mixed_bias = torch.ops.mos_kernels.mos_combine(*args)
+    else:
+        weight, mixed_bias = _EagerCombine.apply(*args)
+    if expert_bias is not None:
+        return weight, mixed_bias
+    return weight, None if bias is None else bias[:beta_rows.shape[0]]
+
+
+class _EagerCombine(torch.autograd.Function):
+    """mos_combine's eager twin, as _EagerMoSLinear is mos_linear's."""
+
+    @staticmethod
+    def forward(ctx, experts, beta, bias, n_in, backend):
+        _combine_setup_context(ctx, (experts, beta, bias, n_in, backend), None)
+        return tuple(backends.load(backend).combine(experts, beta, bias, n_in))
+
+    @staticmethod
+    def backward(ctx, d_weight, d_mixed_bias):
+        return _combine_gradients(ctx, d_weight, d_mixed_bias,
+                                  backends.load(ctx.backend).combine_backward)
+
+
+@torch.library.custom_op("mos_kernels::mos_combine", mutates_args=())
+def _mos_combine(experts: Tensor, beta: Tensor, bias: Optional[Tensor], n_in: int,
+                 backend: str) -> Tuple[Tensor, Tensor]:
+    return tuple(backends.load(backend).combine(experts, beta, bias, n_in))
+
+
+@_mos_combine.register_fake
+def _(experts, beta, bias, n_in, backend):
+    n_out = beta.shape[0]
+    return experts.new_empty(n_out, n_in), experts.new_empty(n_out if bias is not None else 0)
+
+
+@torch.library.custom_op("mos_kernels::mos_combine_backward", mutates_args=())
+def _mos_combine_backward(d_weight: Tensor, d_mixed_bias: Optional[Tensor], experts: Tensor,
+                          beta: Tensor, bias: Optional[Tensor], backend: str,
+                          needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(backends.load(backend).combine_backward(d_weight, d_mixed_bias, experts, beta,
+                                                         bias, needs))
+
+
+@_mos_combine_backward.register_fake
+def _(d_weight, d_mixed_bias, experts, beta, bias, backend, needs):
+    like = (experts, beta, bias)
+    return tuple(t.new_empty(t.shape) if need else experts.new_empty(0)
+                 for t, need in zip(like, needs))
+
+
+def _combine_setup_context(ctx, inputs, output):
+    experts, beta, bias, n_in, backend = inputs
+    ctx.save_for_backward(experts, beta, bias)
+    ctx.backend = backend
+
+
+def _combine_gradients(ctx, d_weight, d_mixed_bias, combine_backward):
+    experts, beta, bias = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    needs[2] = needs[2] and bias is not None
+    if bias is None:
+        d_mixed_bias = None  # the gradient of the empty placeholder output
+    elif d_mixed_bias is None:
+        d_mixed_bias = experts.new_zeros(beta.shape[0])
+    grads = combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
+def _combine_backward(ctx, d_weight, d_mixed_bias):
+    def op(d_weight, d_mixed_bias, experts, beta, bias, needs):
+        return torch.ops.mos_kernels.mos_combine_backward(d_weight, d_mixed_bias, experts, beta,
+                                                          bias, ctx.backend, needs)
+    return _combine_gradients(ctx, d_weight, d_mixed_bias, op)
+
+
+_mos_combine.register_autograd(_combine_backward, setup_context=_combine_setup_context)

@@ -56,6 +56,25 @@ def test_router_receives_gradient():
 
 
 @pytest.mark.parametrize("granularity", ["neuron", "layer"])
+def test_save_mixed_weight_trains_alike(granularity):
+    plain = make(granularity).set_arch(torch.rand(4), 20, 10)
+    saving = make(granularity, save_mixed_weight=True)
+    saving.load_state_dict(plain.state_dict())
+    saving.set_arch(plain.arch, 20, 10)
+    x = torch.randn(6, 20)
+    y_plain, y_saving = plain(x), saving(x)
+    # The saving layer's graph is F.linear on W_a (which keeps W_a), not the fused op.
+    saved_node, fused_node = type(y_saving.grad_fn).__name__, type(y_plain.grad_fn).__name__
+    assert ("Addmm" in saved_node or "Linear" in saved_node) and saved_node != fused_node
+    y_plain.square().sum().backward()
+    y_saving.square().sum().backward()
+    torch.testing.assert_close(y_saving, y_plain)
+    for (name, p), q in zip(plain.named_parameters(), saving.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+    assert "save_mixed_weight=True" in repr(saving)
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_to_linear_gives_the_same_output(granularity, bias):
     layer = make(granularity, bias).set_arch(torch.rand(4), in_features=17, out_features=5)

@@ -36,7 +36,7 @@ PARAMS = [pytest.param(b, s, c, id=f"{b}-{'x'.join(map(str, s))}-m{c[0]}-{c[1]}-
           for b in FUSED for s, c in cases(b)]
 
 
-def check_backend(backend, shape, config, dtype, lead=(), transform=None):
+def check_backend(backend, shape, config, dtype, lead=(), transform=None, **options):
     tokens, n_in, n_out, k_max, n_max = shape
     m, granularity, bias_kind = config
     tensors = make_inputs(tokens, n_in, n_out, k_max, n_max, m, granularity == "layer", bias_kind,
@@ -46,7 +46,7 @@ def check_backend(backend, shape, config, dtype, lead=(), transform=None):
 
     def fused(x, experts, beta, bias, out_features):
         return mos_kernels.mos_linear(x, experts, beta, bias, out_features=out_features,
-                                      backend=backend)
+                                      backend=backend, **options)
 
     y, grads, dy = run(fused, tensors, n_out)
     y_ref, grads_ref = reference64(tensors, n_out, dy)
@@ -64,6 +64,20 @@ def check_backend(backend, shape, config, dtype, lead=(), transform=None):
 @pytest.mark.parametrize("backend, shape, config", PARAMS)
 def test_matches_float64_reference(backend, shape, config, dtype):
     check_backend(backend, shape, config, dtype)
+
+
+# save_mixed_weight: mos_combine, F.linear, mos_combine_backward. Every shape and every
+# configuration at least once per backend.
+SAVED_CASES = [(SHAPES[i % len(SHAPES)], CONFIGS[i * 5 % len(CONFIGS)])
+               for i in range(len(CONFIGS))]
+SAVED_PARAMS = [pytest.param(b, s, c, id=f"{b}-{'x'.join(map(str, s))}-m{c[0]}-{c[1]}-{c[2]}")
+                for b in FUSED for s, c in SAVED_CASES]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend, shape, config", SAVED_PARAMS)
+def test_save_mixed_weight_matches_float64_reference(backend, shape, config, dtype):
+    check_backend(backend, shape, config, dtype, save_mixed_weight=True)
 
 
 @pytest.mark.skipif("cpu" not in FUSED, reason="the C++ extension is not built")
@@ -87,23 +101,26 @@ def test_leading_dims_and_noncontiguous_x(backend, granularity):
                   transform=lambda x: torch.cat([x, x], 1).detach()[:, ::2].requires_grad_(True))
 
 
+@pytest.mark.parametrize("save", [False, True], ids=["", "saved"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_gradients_are_deterministic(backend):
+def test_gradients_are_deterministic(backend, save):
     tensors = make_inputs(130, 70, 50, 80, 60, 3, False, "expert", torch.float32)
     fused = lambda *a, out_features: mos_kernels.mos_linear(*a, out_features=out_features,
-                                                            backend=backend)
+                                                            backend=backend,
+                                                            save_mixed_weight=save)
     _, first, dy = run(fused, tensors, 50)
     _, second, _ = run(fused, tensors, 50, dy)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("save", [False, True], ids=["", "saved"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_only_requested_gradients(backend):
+def test_only_requested_gradients(backend, save):
     x, experts, beta, bias = make_inputs(9, 12, 10, 16, 12, 2, False, "expert", torch.float32)
     x.requires_grad_(False)
     beta = beta.detach()
-    y = mos_kernels.mos_linear(x, experts, beta, bias, backend=backend)
+    y = mos_kernels.mos_linear(x, experts, beta, bias, backend=backend, save_mixed_weight=save)
     y.sum().backward()
     assert x.grad is None and beta.grad is None
     assert experts.grad is not None and bias.grad is not None
@@ -134,6 +151,23 @@ def test_opcheck(backend, layerwise, bias_kind):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layerwise, bias_kind", [(False, "expert"), (True, "expert"),
+                                                  (False, "none")])
+def test_opcheck_combine(backend, layerwise, bias_kind):
+    _, experts, beta, *bias = make_inputs(6, 10, 7, 12, 9, 2, layerwise, bias_kind, torch.float32)
+    beta_rows = beta.expand(7, 2)
+    bias = bias[0] if bias else None
+    torch.library.opcheck(torch.ops.mos_kernels.mos_combine.default,
+                          (experts, beta_rows, bias, 10, backend))
+    d_weight = torch.randn(7, 10, device=DEVICE)
+    d_mixed_bias = torch.randn(7, device=DEVICE) if bias is not None else None
+    needs = [True, True, bias is not None]
+    torch.library.opcheck(torch.ops.mos_kernels.mos_combine_backward.default,
+                          (d_weight, d_mixed_bias, experts.detach(), beta_rows.detach(),
+                           None if bias is None else bias.detach(), backend, needs))
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_custom_op_and_eager_path_agree(backend, layerwise):
     """Eager calls skip the custom op's dispatch; the op itself (what torch.compile runs) must
@@ -149,6 +183,16 @@ def test_custom_op_and_eager_path_agree(backend, layerwise):
     torch.testing.assert_close(y_op, y, rtol=0, atol=0)
     for a, b in zip(grads_op, grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # save_mixed_weight: mos_combine and its eager twin
+    weight, mixed_bias = torch.ops.mos_kernels.mos_combine(experts, beta_rows, bias, 20, backend)
+    y_op = torch.nn.functional.linear(x, weight, mixed_bias)
+    grads_op = torch.autograd.grad(y_op, tensors, dy)
+    y = mos_kernels.mos_linear(x, experts, beta, bias, out_features=13, backend=backend,
+                               save_mixed_weight=True)
+    grads = torch.autograd.grad(y, tensors, dy)
+    torch.testing.assert_close(y_op, y, rtol=0, atol=0)
+    for a, b in zip(grads_op, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # What torch.autocast runs in on this device (bf16 needs sm_80 on a GPU).
@@ -157,12 +201,14 @@ if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 8:
     AUTOCAST_DTYPE = torch.float16
 
 
+@pytest.mark.parametrize("save", [False, True], ids=["", "saved"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_compiled_module_has_no_graph_break(backend, autocast):
+def test_compiled_module_has_no_graph_break(backend, autocast, save):
     torch._dynamo.reset()
     mos_kernels.ops._resolved.clear()  # the backend is first resolved inside the compiled call
-    layer = mos_kernels.MoSLinear(24, 16, num_experts=3, backend=backend).to(DEVICE)
+    layer = mos_kernels.MoSLinear(24, 16, num_experts=3, backend=backend,
+                                  save_mixed_weight=save).to(DEVICE)
     layer.set_arch(torch.rand(10), in_features=20, out_features=13)
     x = torch.randn(4, 5, 20, device=DEVICE)
     compiled = torch.compile(layer, fullgraph=True)

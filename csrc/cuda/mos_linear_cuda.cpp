@@ -31,35 +31,45 @@ struct Dims {
   int64_t tokens, n_out, n_in, m, n_max, k_max;
 };
 
-Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
-           const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(x.is_cuda(), "mos_linear (cuda): x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(experts.device() == x.device() && beta.device() == x.device(),
-              "mos_linear (cuda): x, experts and beta must be on one device, got ", x.device(),
-              ", ", experts.device(), " and ", beta.device());
-  TORCH_CHECK(x.dim() == 2, "mos_linear (cuda): x must be (T, n_in), got ", x.sizes());
+// The mixture's checks; x (tokens, n_in) is checked by check().
+Dims check_mixture(const Tensor& experts, const Tensor& beta, const c10::optional<Tensor>& bias,
+                   int64_t tokens, int64_t n_in) {
+  TORCH_CHECK(experts.is_cuda(), "mos_linear (cuda): experts must be a CUDA tensor, got one on ",
+              experts.device());
+  TORCH_CHECK(beta.device() == experts.device(), "mos_linear (cuda): experts and beta must be on "
+              "one device, got ", experts.device(), " and ", beta.device());
   TORCH_CHECK(experts.dim() == 3, "mos_linear (cuda): experts must be (m, N_max, K_max), got ",
               experts.sizes());
   TORCH_CHECK(beta.dim() == 2, "mos_linear (cuda): beta must be (n_out, m), got ", beta.sizes());
-  const Dims d{x.size(0), beta.size(0), x.size(1), experts.size(0), experts.size(1),
-               experts.size(2)};
+  const Dims d{tokens, beta.size(0), n_in, experts.size(0), experts.size(1), experts.size(2)};
   TORCH_CHECK(beta.size(1) == d.m, "mos_linear (cuda): beta must have m = ", d.m,
               " columns, got ", beta.sizes());
   TORCH_CHECK(d.n_in <= d.k_max && d.n_out <= d.n_max, "mos_linear (cuda): active slice (",
               d.n_out, ", ", d.n_in, ") exceeds experts ", experts.sizes());
-  TORCH_CHECK(x.scalar_type() == experts.scalar_type() && x.scalar_type() == beta.scalar_type(),
-              "mos_linear (cuda): x, experts and beta must share one dtype, got ",
-              x.scalar_type(), ", ", experts.scalar_type(), " and ", beta.scalar_type());
+  TORCH_CHECK(experts.scalar_type() == beta.scalar_type(),
+              "mos_linear (cuda): experts and beta must share one dtype, got ",
+              experts.scalar_type(), " and ", beta.scalar_type());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == x.device(), "mos_linear (cuda): bias must be on ", x.device(),
-                ", got ", bias->device());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "mos_linear (cuda): bias dtype ",
-                bias->scalar_type(), " must match x's ", x.scalar_type());
+    TORCH_CHECK(bias->device() == experts.device(), "mos_linear (cuda): bias must be on ",
+                experts.device(), ", got ", bias->device());
+    TORCH_CHECK(bias->scalar_type() == experts.scalar_type(), "mos_linear (cuda): bias dtype ",
+                bias->scalar_type(), " must match the experts' ", experts.scalar_type());
     TORCH_CHECK((bias->dim() == 1 && bias->size(0) == d.n_max) ||
                     (bias->dim() == 2 && bias->size(0) == d.m && bias->size(1) == d.n_max),
                 "mos_linear (cuda): bias must be (N_max,) or (m, N_max), got ", bias->sizes());
   }
   return d;
+}
+
+Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
+           const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda(), "mos_linear (cuda): x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(experts.device() == x.device(), "mos_linear (cuda): x and experts must be on one "
+              "device, got ", x.device(), " and ", experts.device());
+  TORCH_CHECK(x.dim() == 2, "mos_linear (cuda): x must be (T, n_in), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == experts.scalar_type(), "mos_linear (cuda): x and experts must "
+              "share one dtype, got ", x.scalar_type(), " and ", experts.scalar_type());
+  return check_mixture(experts, beta, bias, x.size(0), x.size(1));
 }
 
 mos_cuda::DType dtype_of(const Tensor& t) {
@@ -204,11 +214,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   return {d_x, d_experts, d_beta, d_bias};
 }
 
+// W_a and, for a per-expert bias, b_a (an empty b_a otherwise), as combine_cpu.
+std::tuple<Tensor, Tensor> combine_cuda(const Tensor& experts, const Tensor& beta,
+                                        const c10::optional<Tensor>& bias, int64_t n_in) {
+  const Dims d = check_mixture(experts, beta, bias, 0, n_in);
+  check_device_supports(experts);
+  const c10::cuda::CUDAGuard guard(experts.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(experts.get_device()).stream();
+  const bool expert_bias = bias.has_value() && bias->dim() == 2;
+  auto [weight, mixed_bias] = combined(experts, beta, expert_bias ? bias : c10::nullopt, d, stream);
+  return {weight, expert_bias ? mixed_bias : experts.new_empty({0})};
+}
+
+// The weight-side gradients from those of W_a and b_a, as combine_backward_cpu: the gemm
+// strategy's epilogue with G = d_weight, and d_mixed_bias as a one-row dy (its column sums).
+std::tuple<Tensor, Tensor, Tensor> combine_backward_cuda(const Tensor& d_weight,
+                                                         const c10::optional<Tensor>& d_mixed_bias,
+                                                         const Tensor& experts,
+                                                         const Tensor& beta,
+                                                         const c10::optional<Tensor>& bias,
+                                                         std::array<bool, 3> needs) {
+  TORCH_CHECK(d_weight.dim() == 2, "mos_combine (cuda) backward: d_weight must be (n_out, n_in), "
+              "got ", d_weight.sizes());
+  const Dims d = check_mixture(experts, beta, bias, 1, d_weight.size(1));
+  TORCH_CHECK(d_weight.size(0) == d.n_out && d_weight.scalar_type() == experts.scalar_type() &&
+                  d_weight.device() == experts.device(),
+              "mos_combine (cuda) backward: d_weight must be (", d.n_out, ", ", d.n_in, ") ",
+              experts.scalar_type(), " on ", experts.device(), ", got ", d_weight.sizes(), " ",
+              d_weight.scalar_type(), " on ", d_weight.device());
+  const bool expert_bias = bias.has_value() && bias->dim() == 2;
+  TORCH_CHECK(!expert_bias || (d_mixed_bias.has_value() && d_mixed_bias->dim() == 1 &&
+                               d_mixed_bias->size(0) == d.n_out &&
+                               d_mixed_bias->scalar_type() == experts.scalar_type() &&
+                               d_mixed_bias->device() == experts.device()),
+              "mos_combine (cuda) backward: a per-expert bias needs d_mixed_bias of shape (",
+              d.n_out, ",), ", experts.scalar_type(), " on ", experts.device());
+  check_device_supports(experts);
+  const c10::cuda::CUDAGuard guard(experts.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(experts.get_device()).stream();
+  const mos_cuda::DType dtype = dtype_of(experts);
+  const mos_cuda::Mixture mix = mixture_of(experts, beta, d);
+  const bool want_bias = needs[2] && expert_bias;
+
+  Tensor d_experts = experts.new_empty({0}), d_beta = experts.new_empty({0}),
+         d_bias = experts.new_empty({0});
+  if (!(needs[0] || needs[1] || want_bias)) return {d_experts, d_beta, d_bias};
+  if (needs[0]) d_experts = at::empty(experts.sizes(), experts.options());
+  if (needs[1]) d_beta = at::empty({d.n_out, d.m}, beta.options());
+  if (want_bias) d_bias = at::empty(bias->sizes(), bias->options());
+  // dy's column sums are only read for a per-expert bias: there d_mixed_bias is a one-row dy.
+  const mos_cuda::Matrix sums =
+      expert_bias ? matrix_of(d_mixed_bias->view({1, d.n_out})) : matrix_of(d_weight);
+  const Tensor workspace = at::empty(
+      {static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(dtype, mix, 1))},
+      experts.options().dtype(at::kByte));
+  check_launch(mos_cuda::weight_grad_from_product(
+                   dtype, matrix_of(d_weight), sums, mix, bias_of(expert_bias ? bias : c10::nullopt),
+                   needs[0] ? d_experts.data_ptr() : nullptr, needs[1] ? d_beta.data_ptr() : nullptr,
+                   want_bias ? d_bias.data_ptr() : nullptr, workspace.data_ptr(), stream),
+               "weight-gradient epilogue");
+  return {d_experts, d_beta, d_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mos_kernels_ext, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("combine", &combine_cuda);
+  m.impl("combine_backward", &combine_backward_cuda);
 }
 
 }  // namespace mos

@@ -23,3 +23,12 @@ def forward(x, experts, beta, bias):
 
 def backward(dy, x, experts, beta, bias, needs):
     return torch.ops.mos_kernels_ext.backward(dy, x, experts, beta, bias, list(needs))
+
+
+def combine(experts, beta, bias, n_in):
+    return torch.ops.mos_kernels_ext.combine(experts, beta, bias, n_in)
+
+
+def combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs):
+    return torch.ops.mos_kernels_ext.combine_backward(d_weight, d_mixed_bias, experts, beta, bias,
+                                                      list(needs))

@@ -446,25 +446,31 @@ def _bias_args(bias, beta):
 
 
 class _Dims:
-    def __init__(self, x, experts, beta, bias):
+    def __init__(self, experts, beta, tokens, n_in):
         # The op's contract checked shapes, dtypes and devices; these checks guard direct calls.
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"mos_linear (triton): x has dtype {x.dtype}; expected one of "
-                            f"{', '.join(map(str, _DTYPES))}")
-        if x.dim() != 2 or experts.dim() != 3 or beta.dim() != 2:
-            raise ValueError("mos_linear (triton): expected x (T, n_in), experts (m, N_max, K_max) "
-                             f"and beta (n_out, m), got {tuple(x.shape)}, {tuple(experts.shape)} "
-                             f"and {tuple(beta.shape)}")
-        self.tokens, self.n_in = x.shape
+        if experts.dtype not in _DTYPES:
+            raise TypeError(f"mos_linear (triton): experts have dtype {experts.dtype}; expected "
+                            f"one of {', '.join(map(str, _DTYPES))}")
+        if experts.dim() != 3 or beta.dim() != 2:
+            raise ValueError("mos_linear (triton): expected experts (m, N_max, K_max) and beta "
+                             f"(n_out, m), got {tuple(experts.shape)} and {tuple(beta.shape)}")
+        self.tokens, self.n_in = tokens, n_in
         self.m, self.n_max, self.k_max = experts.shape
         self.n_out = beta.shape[0]
         if beta.shape[1] != self.m or self.n_out > self.n_max or self.n_in > self.k_max:
-            raise ValueError(f"mos_linear (triton): beta {tuple(beta.shape)} and x "
-                             f"{tuple(x.shape)} do not fit experts {tuple(experts.shape)}")
-        self.acc, self.dot = _types(x.dtype)
-        self.acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.precision = _precision(x.dtype)
+            raise ValueError(f"mos_linear (triton): beta {tuple(beta.shape)} and n_in = {n_in} "
+                             f"do not fit experts {tuple(experts.shape)}")
+        self.acc, self.dot = _types(experts.dtype)
+        self.acc_torch = torch.float64 if experts.dtype == torch.float64 else torch.float32
+        self.precision = _precision(experts.dtype)
         self.strategy = choose_strategy(self.tokens, self.n_out, self.n_in, self.m)
+
+
+def _dims(x, experts, beta):
+    if x.dim() != 2 or x.dtype != experts.dtype:
+        raise ValueError(f"mos_linear (triton): x must be (T, n_in) {experts.dtype}, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    return _Dims(experts, beta, *x.shape)
 
 
 def _device(t):
@@ -491,7 +497,7 @@ def _combine(experts, beta, bias, d):
 
 
 def forward(x, experts, beta, bias):
-    d = _Dims(x, experts, beta, bias)
+    d = _dims(x, experts, beta)
     with _device(x):
         if d.strategy == "combine":
             weight, mixed_bias = _combine(experts, beta, bias, d)
@@ -535,63 +541,101 @@ def _row_sums(dy, d):
 
 
 def backward(dy, x, experts, beta, bias, needs):
-    d = _Dims(x, experts, beta, bias)
+    d = _dims(x, experts, beta)
     if tuple(dy.shape) != (d.tokens, d.n_out) or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"mos_linear (triton) backward: dy must be ({d.tokens}, {d.n_out}) "
                          f"{x.dtype} on {x.device}, got {tuple(dy.shape)} {dy.dtype} on "
                          f"{dy.device}")
-    want_dx, want_de, want_dbeta, want_dbias = (bool(n) for n in needs)
+    want_dx = bool(needs[0])
+    with _device(x):
+        # Gradients not asked for are distinct empty tensors (outputs of an op may not alias).
+        dx = _grad_input(dy, x, experts, beta, d) if want_dx else x.new_empty(0)
+        return (dx,) + _weight_side_grads(d, experts, beta, bias, needs[1:], dy=dy, x=x)
+
+
+def combine(experts, beta, bias, n_in):
+    """W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); an empty b_a otherwise."""
+    d = _Dims(experts, beta, 0, n_in)
+    expert_bias = bias if bias is not None and bias.dim() == 2 else None
+    with _device(experts):
+        weight, mixed_bias = _combine(experts, beta, expert_bias, d)
+    return weight, mixed_bias if mixed_bias is not None else experts.new_empty(0)
+
+
+def combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs):
+    """(dexperts, dbeta, dbias) from the gradients of W_a (n_out, n_in) and, for a per-expert
+    bias, of b_a (n_out,): the weight-gradient epilogue with G = d_weight."""
+    d = _Dims(experts, beta, 0, d_weight.shape[1])
+    if tuple(d_weight.shape) != (d.n_out, d.n_in) or d_weight.dtype != experts.dtype:
+        raise ValueError(f"mos_combine (triton) backward: d_weight must be ({d.n_out}, "
+                         f"{d.n_in}) {experts.dtype}, got {tuple(d_weight.shape)} "
+                         f"{d_weight.dtype}")
+    expert_bias = bias if bias is not None and bias.dim() == 2 else None
+    if expert_bias is not None and (d_mixed_bias is None
+                                    or tuple(d_mixed_bias.shape) != (d.n_out,)):
+        raise ValueError(f"mos_combine (triton) backward: a per-expert bias needs d_mixed_bias "
+                         f"of shape ({d.n_out},)")
+    sums = d_mixed_bias.to(d.acc_torch).contiguous() if expert_bias is not None else None
+    with _device(experts):
+        return _weight_side_grads(d, experts, beta, expert_bias, needs, product=d_weight,
+                                  sums=sums)
+
+
+def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=None, sums=None):
+    """(dexperts, dbeta, dbias) for needs = (dexperts, dbeta, dbias) wanted: from dy and x, or
+    from a given product G (n_out, n_in) and the column sums of dy (acc dtype, or None without
+    a bias that needs them)."""
+    want_de, want_dbeta, want_dbias = (bool(n) for n in needs)
     want_dbias = want_dbias and bias is not None
     bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
     want_s = want_dbias or (want_dbeta and bias_kind == 2)
-    # Gradients not asked for are distinct empty tensors (outputs of an op may not alias).
-    dx, de, dbeta, dbias = (x.new_empty(0) for _ in range(4))
-    with _device(x):
-        if want_dx:
-            dx = _grad_input(dy, x, experts, beta, d)
-        if not (want_de or want_dbeta or want_dbias):
-            return dx, de, dbeta, dbias
+    de, dbeta, dbias = (experts.new_empty(0) for _ in range(3))
+    if not (want_de or want_dbeta or want_dbias):
+        return de, dbeta, dbias
 
-        row_sums = dy.new_empty(d.n_out, dtype=d.acc_torch)
-        n_parts = 0
-        if want_de or want_dbeta:
-            from_g = d.strategy == "combine"
+    from_g = product is not None or d.strategy == "combine"
+    row_sums = experts.new_empty(d.n_out, dtype=d.acc_torch)
+    if want_s and from_g:
+        row_sums = sums if product is not None else _row_sums(dy, d)
+    n_parts = 0
+    if want_de or want_dbeta:
+        if product is not None:
+            grad_rows = dy = x = product  # dy and x are not read when the kernel is given G
+        else:
             grad_rows = torch.mm(dy.t(), x) if from_g else dy
-            if from_g and want_s:
-                row_sums = _row_sums(dy, d)
-            if want_de:
-                de = experts.new_empty(experts.shape)
-            max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
-            parts = dy.new_empty((max_parts, d.n_out, d.m), dtype=d.acc_torch)
-            chosen = {}
+        if want_de:
+            de = experts.new_empty(experts.shape)
+        max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
+        parts = experts.new_empty((max_parts, d.n_out, d.m), dtype=d.acc_torch)
+        chosen = {}
 
-            def grid(meta):  # the last call is the launch itself, after any autotuning
-                chosen.update(meta)
-                return (_cdiv(d.n_max if want_de else d.n_out, meta["BLOCK_N"]),
-                        _cdiv(d.k_max if want_de else d.n_in, meta["BLOCK_K"]))
+        def grid(meta):  # the last call is the launch itself, after any autotuning
+            chosen.update(meta)
+            return (_cdiv(d.n_max if want_de else d.n_out, meta["BLOCK_N"]),
+                    _cdiv(d.k_max if want_de else d.n_in, meta["BLOCK_K"]))
 
-            _weight_grad_kernel[grid](
-                dy, x, grad_rows, experts, beta, de if want_de else dy,
-                parts if want_dbeta else dy, row_sums, d.tokens, d.n_out, d.n_in, d.n_max,
-                d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
-                *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
-                int(want_s and not from_g), _key(d.tokens), _key(d.n_out), _key(d.n_in),
-                M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g,
-                **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
-            n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
-            assert n_parts <= max_parts
-        elif want_s:
-            row_sums = _row_sums(dy, d)
+        _weight_grad_kernel[grid](
+            dy, x, grad_rows, experts, beta, de if want_de else grad_rows,
+            parts if want_dbeta else grad_rows, row_sums, d.tokens, d.n_out, d.n_in, d.n_max,
+            d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
+            *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
+            int(want_s and not from_g), _key(d.tokens), _key(d.n_out), _key(d.n_in),
+            M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g,
+            **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
+        n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
+        assert n_parts <= max_parts
+    elif want_s and not from_g:
+        row_sums = _row_sums(dy, d)
 
-        if want_dbeta or want_dbias:
-            if want_dbeta:
-                dbeta = beta.new_empty(d.n_out, d.m)
-            if want_dbias:
-                dbias = bias.new_empty(bias.shape)
-            block = 128
-            _beta_bias_grad_kernel[(_cdiv(d.n_max, block),)](
-                parts if want_dbeta else row_sums, row_sums, beta, bias_ptr,
-                dbeta if want_dbeta else row_sums, dbias if want_dbias else row_sums, n_parts,
-                d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, bias_kind,
-                int(want_dbeta), int(want_dbias), M=d.m, ACC=d.acc, BLOCK=block, num_warps=4)
-    return dx, de, dbeta, dbias
+    if want_dbeta or want_dbias:
+        if want_dbeta:
+            dbeta = beta.new_empty(d.n_out, d.m)
+        if want_dbias:
+            dbias = bias.new_empty(bias.shape)
+        block = 128
+        _beta_bias_grad_kernel[(_cdiv(d.n_max, block),)](
+            parts if want_dbeta else row_sums, row_sums, beta, bias_ptr,
+            dbeta if want_dbeta else row_sums, dbias if want_dbias else row_sums, n_parts,
+            d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, bias_kind,
+            int(want_dbeta), int(want_dbias), M=d.m, ACC=d.acc, BLOCK=block, num_warps=4)
+    return de, dbeta, dbias
