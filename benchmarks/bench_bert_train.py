@@ -6,7 +6,8 @@ clipping, and an AdamW step. Providers:
   standard   the weight-sharing supernet (FFN linears slice one weight)
   mos-naive  MoS FFN linears through backend="reference" (the paper's loop over experts)
   mos-fused  the same MoS model through backend="auto" (the fused kernels of the device)
-MoS naive and fused share one model (same weights), so they differ only in the op backend.
+  mos-saved  mos-fused with save_mixed_weight=True (W_a kept from the forward for the backward)
+The MoS providers share one model (same weights), so they differ only in how the op runs.
 Each repetition runs every provider once in a shuffled order; the table shows medians and the
 ratios. The random architecture is fixed, so every provider runs the same three sub-networks.
 
@@ -82,13 +83,13 @@ def main(argv=None):
         return model, make_optimizer(model, 1e-4, 0.01)
 
     standard, mos = build("standard"), build(args.granularity)
-    providers = {"standard": (standard, "auto"), "mos-naive": (mos, "reference"),
-                 "mos-fused": (mos, "auto")}
+    providers = {"standard": (standard, "auto", False), "mos-naive": (mos, "reference", False),
+                 "mos-fused": (mos, "auto", False), "mos-saved": (mos, "auto", True)}
     precision = {name: MixedPrecision(args.amp, device.type) for name in providers}
 
     def step(name):
-        (model, opt), backend = providers[name]
-        set_backend(model, backend)
+        (model, opt), backend, saved = providers[name]
+        set_backend(model, backend, saved)
         opt.zero_grad(set_to_none=True)
         sandwich_step(model, archs, lambda net, arch: net(inputs, labels), precision[name])
         precision[name].step(opt, model.parameters(), 1.0)
@@ -111,7 +112,9 @@ def main(argv=None):
     med = {name: statistics.median(v) for name, v in times.items()}
     ratios = {"fused_over_standard": med["mos-fused"] / med["standard"],
               "naive_over_standard": med["mos-naive"] / med["standard"],
-              "naive_over_fused": med["mos-naive"] / med["mos-fused"]}
+              "naive_over_fused": med["mos-naive"] / med["mos-fused"],
+              "saved_over_standard": med["mos-saved"] / med["standard"],
+              "saved_over_fused": med["mos-saved"] / med["mos-fused"]}
     params = {"standard": sum(p.numel() for p in standard[0].parameters()),
               "mos": sum(p.numel() for p in mos[0].parameters())}
     for name in providers:

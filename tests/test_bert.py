@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from mos_kernels import MoSLinear
 from mos_models.bert import data as bdata
 from mos_models.bert.__main__ import main as cli
 from mos_models.bert.export import load_exported, save_exported
@@ -276,11 +277,24 @@ def test_resume_continues_exactly(data_dir, tmp_path, amp):
     assert extras[0]["scaler"] == extras[1]["scaler"]
 
 
+def test_save_mixed_weight_trains_like_the_fused_op(data_dir, tmp_path):
+    quiet = lambda *a: None  # noqa: E731
+    train(_cfg(data_dir), str(tmp_path / "fused"), device="cpu", log=quiet)
+    train(_cfg(data_dir, save_mixed_weight=True), str(tmp_path / "saved"), device="cpu",
+          log=quiet)
+    a, _, _ = load_run(str(tmp_path / "fused"))
+    b, cfg, _ = load_run(str(tmp_path / "saved"))
+    layers = [m for m in b.modules() if isinstance(m, MoSLinear)]
+    assert cfg.save_mixed_weight and layers and all(m.save_mixed_weight for m in layers)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
 def test_cli_pipeline(data_dir, tmp_path):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     cli(["train", "--data", data_dir, "--out", run, "--preset", "tiny", "--space",
          "homogeneous", "--supernet", "layer", "--steps", "2", "--batch-size", "4",
-         "--seq-len", "32", "--router-hidden", "16", "--device", "cpu"])
+         "--seq-len", "32", "--router-hidden", "16", "--device", "cpu", "--save-mixed-weight"])
     cli(["evaluate", "--run", run, "--arch", "smallest", "--json", out + "/eval.json"])
     ev = json.load(open(out + "/eval.json"))
     assert ev["vocab_size"] == 300 and ev["perplexity"] > 1

@@ -372,7 +372,7 @@ def test_cli_translate_export_and_search(corpus, tmp_path):
     data = corpus[0]
     run = tmp_path / "run"
     cli(["train", "--data", str(data), "--out", str(run), "--preset", "micro",
-         "--supernet", "layer", "--max-steps", "2", "--no-progress"])
+         "--supernet", "layer", "--max-steps", "2", "--no-progress", "--save-mixed-weight"])
     out = tmp_path / "bleu.json"
     cli(["translate", "--run", str(run), "--arch", "smallest", "--split", "test",
          "--json", str(out), "--beam", "2"])

@@ -48,7 +48,8 @@ def cmd_train(args):
                     warmup_steps=args.warmup_steps, dropout=args.dropout,
                     pre_norm={"pre": True, "post": False}[args.norm],
                     steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
-                    backend=args.backend, amp=args.amp,
+                    backend=args.backend, save_mixed_weight=args.save_mixed_weight,
+                    amp=args.amp,
                     checkpoint_minutes=args.checkpoint_minutes)
     train(cfg, args.out, resume=args.resume, device=args.device)
 
@@ -131,6 +132,9 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton",
                                                          "cuda"])
+    t.add_argument("--save-mixed-weight", action="store_true",
+                   help="MoS layers keep W_a from the forward for the backward: one combine "
+                        "less per layer and step, n_out x n_in more memory per layer")
     t.add_argument("--checkpoint-minutes", type=float, default=2.0)
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],

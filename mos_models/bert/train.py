@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from mos_models.common import (MixedPrecision, ProgressBar, arch_rng, cleanup_distributed,
                                init_distributed, load_training_state, sample_archs,
-                               sandwich_step, save_training_state, warmup_cosine_factor,
-                               wrap_ddp)
+                               sandwich_step, save_training_state, set_backend,
+                               warmup_cosine_factor, wrap_ddp)
 from mos_models.common.checkpoint import latest_checkpoint, load_checkpoint
 from mos_models.common.training import barrier
 from .data import load_blocks, load_meta, mask_tokens, unigram_perplexity
@@ -53,6 +53,7 @@ class RunConfig:
     max_minutes: Optional[float] = None
     seed: int = 0
     backend: str = "auto"
+    save_mixed_weight: bool = False  # MoSLinear keeps W_a for the backward (memory for time)
     amp: str = "off"          # off | bf16 | fp16: mixed precision (GPUs)
     checkpoint_minutes: float = 2.0
     vocab_size: int = 0       # filled from the data
@@ -74,10 +75,11 @@ class RunConfig:
 
 
 def build_supernet(cfg: RunConfig) -> BertSupernet:
-    return BertSupernet(space_from_dict(cfg.space_def), cfg.vocab_size, cfg.seq_len,
-                        supernet=cfg.supernet, num_experts=cfg.num_experts,
-                        router_hidden=cfg.router_hidden, dropout=cfg.dropout,
-                        backend=cfg.backend, pre_norm=cfg.pre_norm)
+    model = BertSupernet(space_from_dict(cfg.space_def), cfg.vocab_size, cfg.seq_len,
+                         supernet=cfg.supernet, num_experts=cfg.num_experts,
+                         router_hidden=cfg.router_hidden, dropout=cfg.dropout,
+                         backend=cfg.backend, pre_norm=cfg.pre_norm)
+    return set_backend(model, cfg.backend, cfg.save_mixed_weight)
 
 
 def load_run(run_dir: str, device="cpu"):
@@ -177,7 +179,8 @@ def _train(cfg: RunConfig, out_dir: str, resume: bool, info, log, stop_at=None) 
             saved = json.load(f)
         # the run's architecture settings win; max_minutes and checkpointing may change
         keep = {k: getattr(cfg, k)
-                for k in ("max_minutes", "checkpoint_minutes", "backend", "amp")}
+                for k in ("max_minutes", "checkpoint_minutes", "backend", "save_mixed_weight",
+                          "amp")}
         cfg = RunConfig(**{**saved, **keep})
     elif not resume and latest_checkpoint(out_dir) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue "

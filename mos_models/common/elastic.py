@@ -90,13 +90,17 @@ class ElasticLinear(nn.Module):
     def backend(self) -> str:
         return self._backend
 
-    def set_backend(self, backend: str) -> "ElasticLinear":
-        """Op backend of the MoS kinds ("auto", "reference", or a fused backend's name)."""
+    def set_backend(self, backend: str,
+                    save_mixed_weight: Optional[bool] = None) -> "ElasticLinear":
+        """Op backend of the MoS kinds ("auto", "reference", or a fused backend's name), and
+        MoSLinear's save_mixed_weight option (None: unchanged)."""
         if backend not in BACKENDS:
             raise ValueError(f"ElasticLinear: backend must be one of {BACKENDS}, got {backend!r}")
         self._backend = backend
         if self.mos is not None:
             self.mos.backend = backend
+            if save_mixed_weight is not None:
+                self.mos.save_mixed_weight = bool(save_mixed_weight)
         return self
 
     def set_arch(self, encoding: Union[Tensor, Sequence[float], None] = None,
@@ -204,9 +208,11 @@ class ElasticLayerNorm(nn.LayerNorm):
         return out
 
 
-def set_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Sets the op backend of every ElasticLinear inside ``module``; returns ``module``."""
+def set_backend(module: nn.Module, backend: str,
+                save_mixed_weight: Optional[bool] = None) -> nn.Module:
+    """Sets the op backend (and, unless None, save_mixed_weight) of every ElasticLinear inside
+    ``module``; returns ``module``."""
     for layer in module.modules():
         if isinstance(layer, ElasticLinear):
-            layer.set_backend(backend)
+            layer.set_backend(backend, save_mixed_weight)
     return module

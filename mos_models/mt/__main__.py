@@ -34,7 +34,8 @@ def cmd_train(a) -> None:
     args = TrainArgs(data=a.data, out=a.out, preset=a.preset, supernet=a.supernet,
                      sampling=a.sampling, max_minutes=a.max_minutes, max_steps=a.max_steps,
                      max_tokens=a.max_tokens, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
-                     resume=a.resume, backend=a.backend, device=a.device, amp=a.amp,
+                     resume=a.resume, backend=a.backend,
+                     save_mixed_weight=a.save_mixed_weight, device=a.device, amp=a.amp,
                      save_every=a.save_every, from_model=a.from_model,
                      progress=not a.no_progress)
     train(args, log=_log)
@@ -126,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--backend", default="auto",
                    choices=["auto", "reference", "cpu", "triton", "cuda"])
+    t.add_argument("--save-mixed-weight", action="store_true",
+                   help="MoS layers keep W_a from the forward for the backward: one combine "
+                        "less per layer and step, n_out x n_in more memory per layer")
     t.add_argument("--device", default=None)
     t.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="mixed precision: autocast forward passes (fp16 adds loss scaling)")

@@ -21,6 +21,7 @@ from ..common import checkpoint as ckpt
 from ..common.training import (DistInfo, MixedPrecision, ProgressBar, all_reduce_mean, arch_rng,
                                barrier, init_distributed, sample_archs, sandwich_step, unwrap,
                                warmup_cosine_factor, wrap_ddp)
+from ..common.elastic import set_backend
 from .config import PRESETS
 from .data import (Tokenizer, collate, detect_lang, epoch_batches, load_split, make_batches,
                    train_sentencepiece)
@@ -42,6 +43,7 @@ class TrainArgs:
     seed: int = 1
     resume: bool = False
     backend: str = "auto"
+    save_mixed_weight: bool = False     # MoSLinear keeps W_a for the backward (memory for time)
     device: Optional[str] = None
     amp: str = "off"                    # off | bf16 | fp16 (mixed precision on GPUs)
     num_experts: int = 2
@@ -67,8 +69,9 @@ def _build(args: TrainArgs, vocab_size: int) -> Transformer:
     if args.from_model:
         from .export import load_static
         return load_static(args.from_model)
-    return MTSupernet(vocab_size, PRESETS[args.preset].space, args.supernet, args.num_experts,
-                      args.router_hidden, args.backend)
+    model = MTSupernet(vocab_size, PRESETS[args.preset].space, args.supernet, args.num_experts,
+                       args.router_hidden, args.backend)
+    return set_backend(model, args.backend, args.save_mixed_weight)
 
 
 def tokenizer_for(data_dir, preset: str = "tiny") -> Tokenizer:
