@@ -107,12 +107,12 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
     beta_rows = beta.expand(dims.n_out, dims.num_experts)  # layer-wise: row stride 0, no copy
     if save_mixed_weight:
         return F.linear(x, *_mixed_weights(experts, beta_rows, bias, dims.n_in, name))
-    x2d = x.reshape(-1, dims.n_in)
+    x2d = x if x.dim() == 2 else x.reshape(-1, dims.n_in)  # (a reshape costs ~1 us of host time)
     if torch.compiler.is_compiling():
         y = torch.ops.mos_kernels.mos_linear(x2d, experts, beta_rows, bias, name)
     else:
         y = _EagerMoSLinear.apply(x2d, experts, beta_rows, bias, name)
-    return y.reshape(*x.shape[:-1], dims.n_out)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], dims.n_out)
 
 
 class _EagerMoSLinear(torch.autograd.Function):
