@@ -191,3 +191,31 @@ def test_weight_grad_from_product(lib, shape, layout, layerwise, bias_kind, need
             expected[:, :n_out] = beta64.t() * s64
         assert_close(d_bias, expected, dtype, "d_bias")
 
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_weight_grad_from_broadcast_gradients(lib, shape, dtype):
+    """save_mixed_weight's backward (mos_combine_backward) hands the epilogue autograd's
+    gradients of W_a and b_a as they come, which may be broadcast (stride 0), with b_a's
+    gradient as a one-row dy."""
+    n_out, n_in, n_max, k_max, m = shape
+    experts, beta, bias, _ = make(shape, "contiguous", False, "expert", dtype)
+    product = torch.tensor(0.75, dtype=dtype).expand(n_out, n_in)
+    dy = torch.tensor(-1.5, dtype=dtype).expand(n_out).view(1, n_out)
+    d_experts, d_beta = nan_like((m, n_max, k_max), dtype), nan_like((n_out, m), dtype)
+    d_bias = nan_like((m, n_max), dtype)
+    assert lib.mos_emulate_weight_grad_from_product(
+        DTYPE_CODES[dtype], ctypes.byref(matrix(product)), ctypes.byref(matrix(dy)),
+        ctypes.byref(mixture(experts, beta, n_out, n_in)), ctypes.byref(bias_struct(bias)),
+        ptr(d_experts), ptr(d_beta), ptr(d_bias)) == 0
+
+    e64, beta64, b64 = experts.double(), beta.double(), bias.double()
+    expected = torch.zeros(m, n_max, k_max, dtype=torch.float64)
+    expected[:, :n_out, :n_in] = 0.75 * beta64.t()[:, :, None]
+    assert_close(d_experts, expected, dtype, "d_experts")
+    expected = 0.75 * e64[:, :n_out, :n_in].sum(2).t() - 1.5 * b64[:, :n_out].t()
+    assert_close(d_beta, expected, dtype, "d_beta")
+    expected = torch.zeros(m, n_max, dtype=torch.float64)
+    expected[:, :n_out] = -1.5 * beta64.t()
+    assert_close(d_bias, expected, dtype, "d_bias")
