@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mos_kernels import resolve_backend  # noqa: E402
-from mos_models.common import (AMP, MixedPrecision, arch_rng, sample_archs,  # noqa: E402
-                               sandwich_step)
+from mos_models.common import (AMP, MixedPrecision, arch_rng, fused_adam_options,  # noqa: E402
+                               sample_archs, sandwich_step)
 from mos_models.mt.config import PRESETS  # noqa: E402
 from mos_models.mt.model import MTSupernet, loss_fn  # noqa: E402
 from mos_models.mt.train import evaluate_loss  # noqa: E402
@@ -53,7 +53,7 @@ def make_batch(vocab, batch, s_len, t_len, device, seed):
 def build(kind, backend, preset, vocab, device):
     torch.manual_seed(0)
     model = MTSupernet(vocab, PRESETS[preset].space, kind, backend=backend).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **fused_adam_options(model.parameters()))
     return model, opt
 
 

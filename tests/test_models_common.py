@@ -13,10 +13,10 @@ import mos_kernels
 from mos_kernels import reference
 from mos_models.common import (ElasticEmbedding, ElasticLayerNorm, ElasticLinear, EvolutionConfig,
                                GeneSpace, MixedPrecision, ProgressBar, arch_rng,
-                               evolutionary_search, latest_checkpoint, load_training_state,
-                               measure_latency, sample_archs, sandwich_step, save_checkpoint,
-                               save_training_state, set_backend, trimmed_mean, warmup_cosine,
-                               warmup_cosine_factor)
+                               evolutionary_search, fused_adam_options, latest_checkpoint,
+                               load_training_state, measure_latency, sample_archs, sandwich_step,
+                               save_checkpoint, save_training_state, set_backend, trimmed_mean,
+                               warmup_cosine, warmup_cosine_factor)
 from mos_models.common import checkpoint as ckpt_module
 
 FUSED = [b for b in mos_kernels.available_backends("cpu") if b != "reference"]
@@ -384,3 +384,15 @@ def test_ddp_two_processes_average_the_sandwich_gradients(tmp_path):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r1["ddp"][name], expected, rtol=1e-5, atol=1e-6)
     assert any((r0["local"][n] - r1["local"][n]).abs().sum() > 0 for n in r0["local"])
+
+
+def test_fused_adam_where_torch_has_it():
+    model = nn.Linear(4, 3)
+    assert fused_adam_options(model.parameters()) == {"fused": True}
+    opt = torch.optim.AdamW(model.parameters(), **fused_adam_options(model.parameters()))
+    model(torch.randn(2, 4)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model.weight)
+    assert fused_adam_options([torch.zeros(2, device="meta")]) == {}
+    assert fused_adam_options([]) == {}

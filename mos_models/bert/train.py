@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mos_models.common import (MixedPrecision, ProgressBar, arch_rng, cleanup_distributed,
-                               init_distributed, load_training_state, sample_archs,
+                               fused_adam_options, init_distributed, load_training_state, sample_archs,
                                sandwich_step, save_training_state, set_backend,
                                warmup_cosine_factor, wrap_ddp)
 from mos_models.common.checkpoint import latest_checkpoint, load_checkpoint
@@ -104,7 +104,7 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
         (no_decay if p.ndim < 2 or name.endswith("bias") else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                             betas=(0.9, 0.98), eps=1e-6)
+                             betas=(0.9, 0.98), eps=1e-6, **fused_adam_options(decay + no_decay))
 
 
 def batch_indices(step: int, num_blocks: int, batch_size: int, rank: int, world: int,

@@ -14,7 +14,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,17 @@ def sample_archs(space: GeneSpace, rng: random.Random, mode: str = "sandwich") -
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def fused_adam_options(params) -> Dict[str, bool]:
+    """``{"fused": True}`` for torch.optim.Adam/AdamW where every parameter is a floating-point
+    tensor on a CPU or CUDA device (torch's fused kernels: one pass over all tensors instead of a
+    loop of small ops), else ``{}``. On the 2-core CPU machine AdamW's step for the full-size
+    BERT supernet took 64-76 ms fused, 430 ms with torch's default for CPU tensors (a loop over
+    the tensors) and 356-700 ms with foreach; for the MoS supernet 103-104, 628 and 580-600 ms."""
+    params = list(params)
+    supported = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if params and supported else {}
 
 
 class MixedPrecision:

@@ -18,10 +18,10 @@ from typing import Dict, List, Optional
 import torch
 
 from ..common import checkpoint as ckpt
-from ..common.training import (DistInfo, MixedPrecision, ProgressBar, all_reduce_mean, arch_rng,
-                               barrier, init_distributed, sample_archs, sandwich_step, unwrap,
-                               warmup_cosine_factor, wrap_ddp)
 from ..common.elastic import set_backend
+from ..common.training import (DistInfo, MixedPrecision, ProgressBar, all_reduce_mean, arch_rng,
+                               barrier, fused_adam_options, init_distributed, sample_archs,
+                               sandwich_step, unwrap, warmup_cosine_factor, wrap_ddp)
 from .config import PRESETS
 from .data import (Tokenizer, collate, detect_lang, epoch_batches, load_split, make_batches,
                    train_sentencepiece)
@@ -122,7 +122,7 @@ def train(args: TrainArgs, log=print) -> Dict:
     model = _build(args, len(tokenizer)).to(info.device)
     static = isinstance(model, StaticTransformer)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98),
-                                 eps=1e-8)
+                                 eps=1e-8, **fused_adam_options(model.parameters()))
     precision = MixedPrecision(args.amp, torch.device(info.device).type)
     step, epoch, position, seconds = 0, 0, 0, 0.0
     if args.resume:
