@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from mos_models.common import (MixedPrecision, ProgressBar, arch_rng, cleanup_distributed,
-                               fused_adam_options, init_distributed, load_training_state, sample_archs,
-                               sandwich_step, save_training_state, set_backend,
+                               fused_adam_options, init_distributed, load_training_state,
+                               sample_archs, sandwich_step, save_training_state, set_backend,
                                warmup_cosine_factor, wrap_ddp)
 from mos_models.common.checkpoint import latest_checkpoint, load_checkpoint
 from mos_models.common.training import barrier

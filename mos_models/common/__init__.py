@@ -18,10 +18,10 @@ from .training import (AMP, DistInfo, MixedPrecision, ProgressBar, arch_rng, cle
                        warmup_cosine, warmup_cosine_factor, wrap_ddp)
 
 __all__ = [
-    "AMP", "DistInfo", "MixedPrecision", "ElasticEmbedding", "ElasticLayerNorm", "ElasticLinear", "EvolutionConfig",
-    "GeneSpace", "ProgressBar", "SearchResult", "arch_rng", "cleanup_distributed",
-    "evolutionary_search", "fused_adam_options", "init_distributed", "latest_checkpoint", "load_checkpoint",
-    "load_training_state", "measure_latency", "sample_archs", "sandwich_step", "save_checkpoint",
-    "save_training_state", "set_backend", "time_runs", "trimmed_mean", "unwrap", "warmup_cosine",
-    "warmup_cosine_factor", "wrap_ddp",
+    "AMP", "DistInfo", "MixedPrecision", "ElasticEmbedding", "ElasticLayerNorm", "ElasticLinear",
+    "EvolutionConfig", "GeneSpace", "ProgressBar", "SearchResult", "arch_rng",
+    "cleanup_distributed", "evolutionary_search", "fused_adam_options", "init_distributed",
+    "latest_checkpoint", "load_checkpoint", "load_training_state", "measure_latency",
+    "sample_archs", "sandwich_step", "save_checkpoint", "save_training_state", "set_backend",
+    "time_runs", "trimmed_mean", "unwrap", "warmup_cosine", "warmup_cosine_factor", "wrap_ddp",
 ]
