@@ -2,11 +2,13 @@
 # A GPU session's work: build with CUDA, run the GPU tests, the kernel-time roofline measurement
 # and the op benchmark, and leave logs and results in $OUT (default /tmp/gpu_out).
 #   bash benchmarks/gpu_run.sh [extra bench_op.py args...]
-# STEPS picks the parts (default build,tests,roofline,bench); TEST_SECONDS / ROOFLINE_SECONDS /
-# BENCH_SECONDS cap them. A lease whose calls are limited to 10 minutes takes two calls, the
-# second while the machine is still warm (the build is kept):
+# STEPS picks the parts (default build,tests,roofline,bench; "train" adds whole training steps);
+# TEST_SECONDS / ROOFLINE_SECONDS / BENCH_SECONDS / TRAIN_SECONDS cap them. A lease whose calls
+# are limited to 10 minutes takes two calls (three with train), each while the machine is still
+# warm (the build is kept):
 #   STEPS=build,tests TEST_SECONDS=420 bash benchmarks/gpu_run.sh
 #   STEPS=roofline,bench ROOFLINE_SECONDS=200 BENCH_SECONDS=330 bash benchmarks/gpu_run.sh
+#   STEPS=train TRAIN_SECONDS=500 bash benchmarks/gpu_run.sh
 # MOS_COMMIT: the commit of the copied tree (it has no .git), recorded in the JSON.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_out}; mkdir -p "$out"
@@ -47,4 +49,14 @@ if [[ $steps == *,bench,* ]]; then
     --iters 20 --no-eval-cache \
     --out "$out/op_cuda_bf16" "$@" > "$out/bench.log" 2>&1
   echo "bench: exit $?"; cat "$out/bench.log"
+fi
+
+if [[ $steps == *,train,* ]]; then
+  # Whole sandwich steps with fused AdamW, fp32 weights under bf16 autocast as the trainers'
+  # --amp bf16 runs them: standard vs MoS naive / fused (/ saved for BERT).
+  timeout "${TRAIN_SECONDS:-900}" sh -c "python benchmarks/bench_bert_train.py --device cuda \
+    --preset full --dtype float32 --amp bf16 --reps 20 --json $out/bert_train_cuda_amp.json && \
+    python benchmarks/bench_mt_train.py --device cuda --shapes small,full --kinds neuron --reps 20 \
+    --amp bf16 --json $out/mt_train_cuda_amp.json" > "$out/train.log" 2>&1
+  echo "train: exit $?"; cat "$out/train.log"
 fi
