@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <tuple>
 #include <vector>
 
 #ifdef __linux__
@@ -226,6 +227,29 @@ void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const
   });
 }
 
+// dE, dbeta and dbias (distinct empty tensors where not wanted) from G (grad_rows) and the column
+// sums of dy (row_sums), both in the accumulation type: the part of the backward that
+// backward_cpu and combine_backward_cpu share.
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> weight_side_grads(const Tensor& grad_rows,
+                                                     const Tensor& row_sums, const Tensor& experts,
+                                                     const Tensor& beta,
+                                                     const c10::optional<Tensor>& bias,
+                                                     const Dims& d, bool want_e, bool want_beta,
+                                                     bool want_bias) {
+  const auto acc_type = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
+  Tensor e_out = want_e ? at::empty(experts.sizes(), experts.options()) : Tensor();
+  if (e_out.defined()) advise_huge_pages(e_out);
+  Tensor beta_out =
+      want_beta ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
+  Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
+  weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_as_acc<scalar_t>(beta), bias,
+                                 d, e_out, beta_out, bias_out);
+  return {want_e ? e_out : experts.new_empty({0}),
+          want_beta ? beta_out.to(beta.scalar_type()) : experts.new_empty({0}),
+          want_bias ? bias_out : experts.new_empty({0})};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& x,
                                                         const Tensor& experts_in, const Tensor& beta,
                                                         const c10::optional<Tensor>& bias,
@@ -245,7 +269,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
     if (needs[0]) d_x = at::mm(dy, combine<scalar_t>(experts, beta, bias, d).first);
     if (!(needs[1] || needs[2] || want_bias)) return;
 
-    const Tensor beta_acc = beta_as_acc<scalar_t>(beta);
     const Tensor row_sums = dy.sum(0, /*keepdim=*/false, acc_type).contiguous();
     Tensor grad_rows;  // G = dy^T x in the accumulation type, (n_out, n_in)
     if (needs[1] || needs[2]) {
@@ -253,15 +276,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
                                                   : at::mm(dy.t().to(acc_type), x.to(acc_type));
       grad_rows = grad_rows.contiguous();
     }
-    Tensor e_out = needs[1] ? at::empty(experts.sizes(), experts.options()) : Tensor();
-    if (e_out.defined()) advise_huge_pages(e_out);
-    Tensor beta_out = needs[2] ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
-    Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
-    weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_acc, bias, d, e_out, beta_out,
-                                   bias_out);
-    if (needs[1]) d_experts = e_out;
-    if (needs[2]) d_beta = beta_out.to(beta.scalar_type());
-    if (want_bias) d_bias = bias_out;
+    std::tie(d_experts, d_beta, d_bias) = weight_side_grads<scalar_t>(
+        grad_rows, row_sums, experts, beta, bias, d, needs[1], needs[2], want_bias);
   });
   return {d_x, d_experts, d_beta, d_bias};
 }
@@ -306,22 +322,14 @@ std::tuple<Tensor, Tensor, Tensor> combine_backward_cpu(const Tensor& d_weight,
          d_bias = experts.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, experts.scalar_type(),
                                   "mos_combine_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const auto acc_type = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
     if (!(needs[0] || needs[1] || want_bias)) return;
     const Tensor grad_rows = d_weight.to(acc_type).contiguous();
     const Tensor row_sums =
         expert_bias ? d_mixed_bias->to(acc_type).contiguous() : grad_rows.new_empty({0});
-    Tensor e_out = needs[0] ? at::empty(experts.sizes(), experts.options()) : Tensor();
-    if (e_out.defined()) advise_huge_pages(e_out);
-    Tensor beta_out =
-        needs[1] ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
-    Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
-    weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_as_acc<scalar_t>(beta),
-                                   expert_bias ? bias : c10::nullopt, d, e_out, beta_out, bias_out);
-    if (needs[0]) d_experts = e_out;
-    if (needs[1]) d_beta = beta_out.to(beta.scalar_type());
-    if (want_bias) d_bias = bias_out;
+    std::tie(d_experts, d_beta, d_bias) = weight_side_grads<scalar_t>(
+        grad_rows, row_sums, experts, beta, expert_bias ? bias : c10::nullopt, d, needs[0],
+        needs[1], want_bias);
   });
   return {d_experts, d_beta, d_bias};
 }
