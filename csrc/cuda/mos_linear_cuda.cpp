@@ -119,6 +119,28 @@ mos_cuda::Bias bias_of(const c10::optional<Tensor>& bias) {
   return {bias->data_ptr(), mos_cuda::BiasKind::kPerExpert, bias->stride(0), bias->stride(1)};
 }
 
+// The weight-side gradients for the launchers: tensors (distinct empty ones where not wanted:
+// an op's outputs may not alias), their pointers (null where not wanted), and the scratch for
+// `tokens` rows of dy.
+struct WeightGradOutputs {
+  Tensor d_experts, d_beta, d_bias, workspace;
+  void *experts_ptr = nullptr, *beta_ptr = nullptr, *bias_ptr = nullptr;
+
+  WeightGradOutputs(const Tensor& experts, const Tensor& beta, const c10::optional<Tensor>& bias,
+                    const mos_cuda::Mixture& mix, int64_t tokens, bool want_e, bool want_beta,
+                    bool want_bias)
+      : d_experts(want_e ? at::empty(experts.sizes(), experts.options()) : experts.new_empty({0})),
+        d_beta(want_beta ? at::empty({mix.n_out, mix.m}, beta.options()) : experts.new_empty({0})),
+        d_bias(want_bias ? at::empty(bias->sizes(), bias->options()) : experts.new_empty({0})),
+        workspace(at::empty({static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(
+                                dtype_of(experts), mix, tokens))},
+                            experts.options().dtype(at::kByte))) {
+    if (want_e) experts_ptr = d_experts.data_ptr();
+    if (want_beta) beta_ptr = d_beta.data_ptr();
+    if (want_bias) bias_ptr = d_bias.data_ptr();
+  }
+};
+
 bool use_gemm() {
   const char* forced = std::getenv("MOS_CUDA_STRATEGY");
   if (forced == nullptr || std::strcmp(forced, "gemm") == 0) return true;
@@ -190,28 +212,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   }
   if (!(needs[1] || needs[2] || want_bias)) return {d_x, d_experts, d_beta, d_bias};
 
-  if (needs[1]) d_experts = at::empty(experts.sizes(), experts.options());
-  if (needs[2]) d_beta = at::empty({d.n_out, d.m}, beta.options());
-  if (want_bias) d_bias = at::empty(bias->sizes(), bias->options());
-  const Tensor workspace = at::empty(
-      {static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(dtype, mix, d.tokens))},
-      x.options().dtype(at::kByte));
-  void* d_experts_ptr = needs[1] ? d_experts.data_ptr() : nullptr;
-  void* d_beta_ptr = needs[2] ? d_beta.data_ptr() : nullptr;
-  void* d_bias_ptr = want_bias ? d_bias.data_ptr() : nullptr;
+  const WeightGradOutputs out(experts, beta, bias, mix, d.tokens, needs[1], needs[2], want_bias);
   if (gemm && (needs[1] || needs[2])) {
     const Tensor product = at::mm(dy.t(), x);  // G (n_out, n_in) by cuBLAS
     check_launch(mos_cuda::weight_grad_from_product(dtype, matrix_of(product), matrix_of(dy), mix,
-                                                    bias_of(bias), d_experts_ptr, d_beta_ptr,
-                                                    d_bias_ptr, workspace.data_ptr(), stream),
+                                                    bias_of(bias), out.experts_ptr, out.beta_ptr,
+                                                    out.bias_ptr, out.workspace.data_ptr(),
+                                                    stream),
                  "weight-gradient epilogue");
   } else {
     check_launch(mos_cuda::weight_grad(dtype, matrix_of(dy), matrix_of(x), mix, bias_of(bias),
-                                       d_experts_ptr, d_beta_ptr, d_bias_ptr,
-                                       workspace.data_ptr(), stream),
+                                       out.experts_ptr, out.beta_ptr, out.bias_ptr,
+                                       out.workspace.data_ptr(), stream),
                  "weight-gradient kernel");
   }
-  return {d_x, d_experts, d_beta, d_bias};
+  return {d_x, out.d_experts, out.d_beta, out.d_bias};
 }
 
 // W_a and, for a per-expert bias, b_a (an empty b_a otherwise), as combine_cpu.
@@ -256,24 +271,19 @@ std::tuple<Tensor, Tensor, Tensor> combine_backward_cuda(const Tensor& d_weight,
   const mos_cuda::Mixture mix = mixture_of(experts, beta, d);
   const bool want_bias = needs[2] && expert_bias;
 
-  Tensor d_experts = experts.new_empty({0}), d_beta = experts.new_empty({0}),
-         d_bias = experts.new_empty({0});
-  if (!(needs[0] || needs[1] || want_bias)) return {d_experts, d_beta, d_bias};
-  if (needs[0]) d_experts = at::empty(experts.sizes(), experts.options());
-  if (needs[1]) d_beta = at::empty({d.n_out, d.m}, beta.options());
-  if (want_bias) d_bias = at::empty(bias->sizes(), bias->options());
   // dy's column sums are only read for a per-expert bias: there d_mixed_bias is a one-row dy.
   const mos_cuda::Matrix sums =
       expert_bias ? matrix_of(d_mixed_bias->view({1, d.n_out})) : matrix_of(d_weight);
-  const Tensor workspace = at::empty(
-      {static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(dtype, mix, 1))},
-      experts.options().dtype(at::kByte));
-  check_launch(mos_cuda::weight_grad_from_product(
-                   dtype, matrix_of(d_weight), sums, mix, bias_of(expert_bias ? bias : c10::nullopt),
-                   needs[0] ? d_experts.data_ptr() : nullptr, needs[1] ? d_beta.data_ptr() : nullptr,
-                   want_bias ? d_bias.data_ptr() : nullptr, workspace.data_ptr(), stream),
-               "weight-gradient epilogue");
-  return {d_experts, d_beta, d_bias};
+  const WeightGradOutputs out(experts, beta, bias, mix, /*tokens=*/1, needs[0], needs[1],
+                              want_bias);
+  if (needs[0] || needs[1] || want_bias) {
+    check_launch(mos_cuda::weight_grad_from_product(
+                     dtype, matrix_of(d_weight), sums, mix,
+                     bias_of(expert_bias ? bias : c10::nullopt), out.experts_ptr, out.beta_ptr,
+                     out.bias_ptr, out.workspace.data_ptr(), stream),
+                 "weight-gradient epilogue");
+  }
+  return {out.d_experts, out.d_beta, out.d_bias};
 }
 
 }  // namespace
