@@ -1,10 +1,11 @@
 // CPU kernels of the MoS linear op, and the schema of the extension's ops.
 //
 //   forward:  one pass over the experts builds W_a (n_out, n_in) and b_a, then the vendor GEMM.
-//   backward: dx = dy @ W_a (W_a rebuilt, not saved); G = dy^T x by one GEMM; then one pass over
-//             the rows of G writes dE (all m slices, zero outside the active slice), dbias and
-//             dbeta together. Rows are split across threads; sums over a row run in a fixed
-//             order, so the gradients are bit-identical from run to run.
+//   backward: G = dy^T x by one GEMM; then one pass over the rows of G writes dE (all m slices,
+//             zero outside the active slice), dbias and dbeta together, and rebuilds W_a (not
+//             saved) from the same expert rows while they are in cache; then dx = dy @ W_a.
+//             Rows are split across threads; sums over a row run in a fixed order, so the
+//             gradients are bit-identical from run to run.
 //
 // beta arrives as (n_out, m) with any strides (layer-wise MoS passes a row stride of 0).
 #include <torch/extension.h>
@@ -186,13 +187,15 @@ Tensor forward_cpu(const Tensor& x, const Tensor& experts, const Tensor& beta,
 //   dE[i, o, k]  = beta[o, i] * G[o, k]          (k < n_in; zero for n_in <= k < K_max)
 //   dbeta[o, i]  = sum_k G[o, k] E[i, o, k] + s[o] * bias[i, o]
 //   dbias[i, o]  = beta[o, i] * s[o]
-// Rows n_out <= o < N_max of dE and dbias are zero.
+// and, when `weight` is defined, W_a's row o as combine() writes it (for dx). Rows
+// n_out <= o < N_max of dE and dbias are zero. Undefined outputs are skipped.
 template <typename scalar_t>
 void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const Tensor& experts,
                           const Tensor& beta_acc, const c10::optional<Tensor>& bias, const Dims& d,
-                          Tensor& d_experts, Tensor& d_beta, Tensor& d_bias) {
+                          Tensor& d_experts, Tensor& d_beta, Tensor& d_bias, Tensor& weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool want_e = d_experts.defined(), want_beta = d_beta.defined(), want_bias = d_bias.defined();
+  scalar_t* W = weight.defined() ? weight.mutable_data_ptr<scalar_t>() : nullptr;
   const bool expert_bias = bias.has_value() && bias->dim() == 2;
   const acc_t* G = grad_rows.defined() ? grad_rows.const_data_ptr<acc_t>() : nullptr;
   const acc_t* S = row_sums.const_data_ptr<acc_t>();
@@ -210,6 +213,7 @@ void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const
   at::parallel_for(0, n_max, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const bool active = o < d.n_out;
+      if (W != nullptr && active) mix_row(E + o * s1, s0, B + o * m, m, K, W + o * K);
       for (int64_t i = 0; i < m; ++i) {
         if (want_e)
           scaled_row(active ? G + o * K : G, active ? B[o * m + i] : acc_t(0), active ? K : 0,
@@ -229,14 +233,14 @@ void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const
 
 // dE, dbeta and dbias (distinct empty tensors where not wanted) from G (grad_rows) and the column
 // sums of dy (row_sums), both in the accumulation type: the part of the backward that
-// backward_cpu and combine_backward_cpu share.
+// backward_cpu and combine_backward_cpu share. A defined `weight` (n_out, n_in) receives W_a.
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> weight_side_grads(const Tensor& grad_rows,
                                                      const Tensor& row_sums, const Tensor& experts,
                                                      const Tensor& beta,
                                                      const c10::optional<Tensor>& bias,
                                                      const Dims& d, bool want_e, bool want_beta,
-                                                     bool want_bias) {
+                                                     bool want_bias, Tensor weight = Tensor()) {
   const auto acc_type = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
   Tensor e_out = want_e ? at::empty(experts.sizes(), experts.options()) : Tensor();
   if (e_out.defined()) advise_huge_pages(e_out);
@@ -244,7 +248,7 @@ std::tuple<Tensor, Tensor, Tensor> weight_side_grads(const Tensor& grad_rows,
       want_beta ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
   Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
   weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_as_acc<scalar_t>(beta), bias,
-                                 d, e_out, beta_out, bias_out);
+                                 d, e_out, beta_out, bias_out, weight);
   return {want_e ? e_out : experts.new_empty({0}),
           want_beta ? beta_out.to(beta.scalar_type()) : experts.new_empty({0}),
           want_bias ? bias_out : experts.new_empty({0})};
@@ -266,9 +270,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mos_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    if (needs[0]) d_x = at::mm(dy, combine<scalar_t>(experts, beta, bias, d).first);
-    if (!(needs[1] || needs[2] || want_bias)) return;
-
+    if (!(needs[1] || needs[2] || want_bias)) {
+      if (needs[0]) d_x = at::mm(dy, combine<scalar_t>(experts, beta, c10::nullopt, d).first);
+      return;
+    }
     const Tensor row_sums = dy.sum(0, /*keepdim=*/false, acc_type).contiguous();
     Tensor grad_rows;  // G = dy^T x in the accumulation type, (n_out, n_in)
     if (needs[1] || needs[2]) {
@@ -276,8 +281,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
                                                   : at::mm(dy.t().to(acc_type), x.to(acc_type));
       grad_rows = grad_rows.contiguous();
     }
+    // dx needs W_a again: the epilogue rebuilds it row by row while those expert rows are in
+    // cache for dbeta, instead of a separate pass over the m expert slices.
+    Tensor weight = needs[0] ? at::empty({d.n_out, d.n_in}, experts.options()) : Tensor();
     std::tie(d_experts, d_beta, d_bias) = weight_side_grads<scalar_t>(
-        grad_rows, row_sums, experts, beta, bias, d, needs[1], needs[2], want_bias);
+        grad_rows, row_sums, experts, beta, bias, d, needs[1], needs[2], want_bias, weight);
+    if (needs[0]) d_x = at::mm(dy, weight);
   });
   return {d_x, d_experts, d_beta, d_bias};
 }
