@@ -13,9 +13,11 @@ launch cost. Forms (DESIGN.md section 1):
            writes dE and the dbeta partials. This is the form's floor: the cuda backend's WMMA
            kernels are latency-bound and measured far above it (--measure shows by how much)
   gemm     combine-then-GEMM (the "cuda" backend's gemm strategy): one pass writes W_a, then the
-           vendor GEMM; backward: dx and G by the vendor GEMM, then one epilogue pass
-  saved    gemm with save_mixed_weight=True: W_a kept from the forward, so the backward does not
-           combine it again (n_out x n_in more memory until the backward)
+           vendor GEMM; backward: G by the vendor GEMM, then one epilogue pass that writes dE, the
+           dbeta partials and W_a again (from the expert rows it reads anyway), then dx by the
+           vendor GEMM
+  saved    gemm with save_mixed_weight=True: W_a kept from the forward, so the backward's
+           epilogue does not write it (n_out x n_in more memory until the backward)
 
 The MoS overhead is min(fused, gemm, saved) / dense. All numbers are predictions from datasheet
 peaks (PEAKS below), not measurements; with --measure, on a CUDA GPU, the script also times the
@@ -122,12 +124,15 @@ def kernels(form, shape, tokens, m, backward):
         combine = Kernel("combine W_a", 0, 2.0 * m * NK, m * NK + NK)
         if not backward:
             return [combine, Kernel("addmm", gemm, 0, T * K + NK + T * N + N)]
-        again = [combine] if form == "gemm" else []  # saved: W_a kept from the forward
-        return again + [Kernel("dx = dy W_a", gemm, 0, T * N + NK + T * K),
-                Kernel("G = dy^T x", gemm, 0, T * N + T * K + NK),
+        # gemm: the epilogue writes W_a again for dx from the expert rows it reads for dbeta;
+        # saved: W_a kept from the forward.
+        again = 2.0 * m * NK if form == "gemm" else 0.0
+        return [Kernel("G = dy^T x", gemm, 0, T * N + T * K + NK),
                 Kernel("column sums of dy", 0, T * N, T * N),
-                Kernel("epilogue dE (zeros outside the slice too), dbeta partials", 0,
-                       3.0 * m * NK, NK + m * NK + m * full),
+                Kernel("epilogue dE (zeros outside the slice too), dbeta partials"
+                       + (", W_a" if form == "gemm" else ""), 0, 3.0 * m * NK + again,
+                       NK + m * NK + m * full + (NK if form == "gemm" else 0)),
+                Kernel("dx = dy W_a", gemm, 0, T * N + NK + T * K),
                 Kernel("dbeta/dbias finish", 0, 0, 2 * m * N)]
     raise ValueError(form)
 

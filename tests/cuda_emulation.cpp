@@ -25,11 +25,11 @@ int mos_emulate_combine(int dtype, const Mixture* mix, const Bias* bias, void* w
 }
 
 // The outputs of mos_cuda::weight_grad_from_product for G = product and the cotangent dy (whose
-// column sums it takes when d_bias, or d_beta with a per-expert bias, needs them). Any output may
-// be null.
+// column sums it takes when d_bias, or d_beta with a per-expert bias, needs them), W_a included
+// when weight is not null. Any output may be null.
 int mos_emulate_weight_grad_from_product(int dtype, const Matrix* product, const Matrix* dy,
                                          const Mixture* mix, const Bias* bias, void* d_experts,
-                                         void* d_beta, void* d_bias) {
+                                         void* d_beta, void* d_bias, void* weight) {
   return dispatch(static_cast<DType>(dtype), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = acc_t<T>;
@@ -39,11 +39,17 @@ int mos_emulate_weight_grad_from_product(int dtype, const Matrix* product, const
     const Acc nan = Acc(0) / Acc(0);
     std::vector<Acc> partials(static_cast<size_t>(n_partials * mix->n_out * mix->m), nan);
     std::vector<Acc> sum_parts(static_cast<size_t>(n_sum_parts * mix->n_out), nan);
-    if (d_experts != nullptr || d_beta != nullptr) {
-      const bool vectorised = expert_grad_vectorised<T>(*product, *mix, d_experts);
-      for (int64_t u = 0; u < expert_grad_units<T>(*mix, d_experts != nullptr); ++u)
-        expert_grad_unit<T>(*product, *mix, static_cast<T*>(d_experts),
-                            d_beta != nullptr ? partials.data() : nullptr, vectorised, u);
+    if (d_experts != nullptr || d_beta != nullptr || weight != nullptr) {
+      const bool vectorised = expert_grad_vectorised<T>(*product, *mix, d_experts, weight);
+      Acc* const parts = d_beta != nullptr ? partials.data() : nullptr;
+      for (int64_t u = 0; u < expert_grad_units<T>(*mix, d_experts != nullptr); ++u) {
+        if (weight != nullptr)
+          expert_grad_unit<T, true>(*product, *mix, static_cast<T*>(d_experts), parts,
+                                    static_cast<T*>(weight), vectorised, u);
+        else
+          expert_grad_unit<T, false>(*product, *mix, static_cast<T*>(d_experts), parts, nullptr,
+                                     vectorised, u);
+      }
     }
     const bool want_sums = d_bias != nullptr ||
                            (d_beta != nullptr && bias->kind == BiasKind::kPerExpert);

@@ -1,5 +1,6 @@
 """The CUDA backend's elementwise kernels (csrc/cuda/mos_linear_elementwise.cuh: W_a's combine, the
-experts' gradient from cuBLAS's G with the dbeta partials, the column sums of dy, dbeta and dbias)
+experts' gradient from cuBLAS's G with the dbeta partials and W_a for dx, the column sums of dy,
+dbeta and dbias)
 run on the CPU, unit by unit over the kernels' own grid (tests/cuda_emulation.cpp), against the
 float64 reference. Shapes cover both of a unit's paths (16-byte vectors, and element by element for
 units that straddle the slice's edge or rows that are unaligned or strided). Needs nvcc for the
@@ -145,10 +146,13 @@ def test_combine(lib, shape, layout, layerwise, bias_kind, dtype):
         assert_close(mixed, expected, dtype, "b_a")
 
 
-NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+# (d_experts, d_beta, d_bias, W_a): the backward asks for W_a with the weight gradients when dx is
+# wanted too.
+NEEDS = [(True, True, True, True), (True, False, False, False), (False, True, False, True),
+         (False, False, True, False), (False, False, False, True)]
 # (layer-wise, bias, needs): dbias alone only where there is a bias.
 GRAD_CASES = [(layerwise, bias, needs) for layerwise, bias in MIXES for needs in NEEDS
-              if any(needs[:2]) or bias != "none"]
+              if any(needs[:2]) or needs[3] or bias != "none"]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
@@ -157,7 +161,7 @@ GRAD_CASES = [(layerwise, bias, needs) for layerwise, bias in MIXES for needs in
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 64, 200])  # column sums take 64 rows per part
 def test_weight_grad_from_product(lib, shape, layout, layerwise, bias_kind, needs, tokens, dtype):
-    want_de, want_dbeta, want_dbias = needs
+    want_de, want_dbeta, want_dbias, want_weight = needs
     want_dbias = want_dbias and bias_kind != "none"
     n_out, n_in, n_max, k_max, m = shape
     experts, beta, bias, product = make(shape, layout, layerwise, bias_kind, dtype)
@@ -165,10 +169,12 @@ def test_weight_grad_from_product(lib, shape, layout, layerwise, bias_kind, need
     d_experts = nan_like((m, n_max, k_max), dtype) if want_de else None
     d_beta = nan_like((n_out, m), dtype) if want_dbeta else None
     d_bias = nan_like(tuple(bias.shape), dtype) if want_dbias else None
+    weight = nan_like((n_out, n_in), dtype) if want_weight else None
+    mix = mixture(experts, beta, n_out, n_in)
     assert lib.mos_emulate_weight_grad_from_product(
         DTYPE_CODES[dtype], ctypes.byref(matrix(product)), ctypes.byref(matrix(dy)),
-        ctypes.byref(mixture(experts, beta, n_out, n_in)), ctypes.byref(bias_struct(bias)),
-        ptr(d_experts), ptr(d_beta), ptr(d_bias)) == 0
+        ctypes.byref(mix), ctypes.byref(bias_struct(bias)),
+        ptr(d_experts), ptr(d_beta), ptr(d_bias), ptr(weight)) == 0
 
     e64, beta64, g64, s64 = experts.double(), beta.double(), product.double(), dy.double().sum(0)
     if want_de:
@@ -190,6 +196,14 @@ def test_weight_grad_from_product(lib, shape, layout, layerwise, bias_kind, need
         else:
             expected[:, :n_out] = beta64.t() * s64
         assert_close(d_bias, expected, dtype, "d_bias")
+    if want_weight:  # the same values as the combine kernel's, which the forward used
+        combined = nan_like((n_out, n_in), dtype)
+        no_bias = bias_struct(None)
+        assert lib.mos_emulate_combine(DTYPE_CODES[dtype], ctypes.byref(mix),
+                                       ctypes.byref(no_bias), ptr(combined), ptr(None)) == 0
+        assert torch.equal(weight, combined), "W_a differs from the combine kernel's"
+        assert_close(weight, torch.einsum("oi,iok->ok", beta64, e64[:, :n_out, :n_in]), dtype,
+                     "W_a")
 
 
 
@@ -208,7 +222,7 @@ def test_weight_grad_from_broadcast_gradients(lib, shape, dtype):
     assert lib.mos_emulate_weight_grad_from_product(
         DTYPE_CODES[dtype], ctypes.byref(matrix(product)), ctypes.byref(matrix(dy)),
         ctypes.byref(mixture(experts, beta, n_out, n_in)), ctypes.byref(bias_struct(bias)),
-        ptr(d_experts), ptr(d_beta), ptr(d_bias)) == 0
+        ptr(d_experts), ptr(d_beta), ptr(d_bias), ptr(None)) == 0
 
     e64, beta64, b64 = experts.double(), beta.double(), bias.double()
     expected = torch.zeros(m, n_max, k_max, dtype=torch.float64)

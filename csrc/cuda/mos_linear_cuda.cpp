@@ -3,8 +3,10 @@
 // launchers of mos_linear_kernels.h. Same semantics as the CPU kernels.
 //
 // Two strategies (MOS_CUDA_STRATEGY=fused|gemm picks one per call, for tests and benchmarks):
-//   gemm:  W_a combined once by a small kernel, then the vendor GEMM (cuBLAS through at::mm) for y
-//          and dx, and G = dy^T x by cuBLAS followed by the expert-gradient epilogue kernel;
+//   gemm:  W_a combined once by a small kernel, then the vendor GEMM (cuBLAS through at::mm) for
+//          y; backward: G = dy^T x by cuBLAS, then the expert-gradient epilogue kernel, which also
+//          writes W_a again for dx = dy @ W_a by cuBLAS (a combine of its own when only dx is
+//          asked for);
 //   fused: the one-pass kernels (W_a combined tile by tile on chip, never stored; G = dy^T x tiled
 //          with the expert-gradient epilogue in the same kernel).
 // The default is gemm: on an H100 it was faster for every benchmark shape and token count (512 to
@@ -201,7 +203,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   // Gradients not asked for come back as distinct empty tensors (outputs of an op may not alias).
   Tensor d_x = x.new_empty({0}), d_experts = x.new_empty({0}), d_beta = x.new_empty({0}),
          d_bias = x.new_empty({0});
-  if (needs[0]) {
+  // With G from cuBLAS, the epilogue that reads the expert rows for dE and dbeta also writes the
+  // W_a that dx needs, instead of a combine pass of its own.
+  const bool product = gemm && (needs[1] || needs[2]);
+  if (needs[0] && !product) {
     if (gemm) {
       d_x = at::mm(dy, combined(experts, beta, c10::nullopt, d, stream).first);
     } else {
@@ -213,13 +218,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   if (!(needs[1] || needs[2] || want_bias)) return {d_x, d_experts, d_beta, d_bias};
 
   const WeightGradOutputs out(experts, beta, bias, mix, d.tokens, needs[1], needs[2], want_bias);
-  if (gemm && (needs[1] || needs[2])) {
-    const Tensor product = at::mm(dy.t(), x);  // G (n_out, n_in) by cuBLAS
-    check_launch(mos_cuda::weight_grad_from_product(dtype, matrix_of(product), matrix_of(dy), mix,
-                                                    bias_of(bias), out.experts_ptr, out.beta_ptr,
-                                                    out.bias_ptr, out.workspace.data_ptr(),
-                                                    stream),
+  if (product) {
+    const Tensor grad_rows = at::mm(dy.t(), x);  // G (n_out, n_in) by cuBLAS
+    const Tensor weight = needs[0] ? at::empty({d.n_out, d.n_in}, x.options()) : Tensor();
+    check_launch(mos_cuda::weight_grad_from_product(
+                     dtype, matrix_of(grad_rows), matrix_of(dy), mix, bias_of(bias),
+                     out.experts_ptr, out.beta_ptr, out.bias_ptr,
+                     weight.defined() ? weight.data_ptr() : nullptr, out.workspace.data_ptr(),
+                     stream),
                  "weight-gradient epilogue");
+    if (needs[0]) d_x = at::mm(dy, weight);
   } else {
     check_launch(mos_cuda::weight_grad(dtype, matrix_of(dy), matrix_of(x), mix, bias_of(bias),
                                        out.experts_ptr, out.beta_ptr, out.bias_ptr,
@@ -280,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor> combine_backward_cuda(const Tensor& d_weight,
     check_launch(mos_cuda::weight_grad_from_product(
                      dtype, matrix_of(d_weight), sums, mix,
                      bias_of(expert_bias ? bias : c10::nullopt), out.experts_ptr, out.beta_ptr,
-                     out.bias_ptr, out.workspace.data_ptr(), stream),
+                     out.bias_ptr, /*weight=*/nullptr, out.workspace.data_ptr(), stream),
                  "weight-gradient epilogue");
   }
   return {out.d_experts, out.d_beta, out.d_bias};

@@ -1,7 +1,7 @@
 // The memory-bound parts of the combine-then-GEMM strategy, as work units with no block-level
 // synchronisation: combining W_a (and b_a) from the experts, the experts' gradient from a product
-// G = dy^T x computed by cuBLAS (with its dbeta partials), the column sums of dy, and the final
-// dbeta / dbias per row.
+// G = dy^T x computed by cuBLAS (with its dbeta partials, and W_a again for dx from the expert
+// rows those read), the column sums of dy, and the final dbeta / dbias per row.
 //
 // Every function here is __host__ __device__ and each unit only reads its inputs and writes its
 // own outputs, so running the units one after another on the CPU gives exactly what the GPU
@@ -207,7 +207,8 @@ __host__ __device__ __forceinline__ int64_t expert_grad_partials(const Mixture& 
 }
 
 // Units of expert_grad_unit: over the whole (n_max, k_max) grid when it writes d_experts (zeros
-// outside the slice included), else over the slice.
+// outside the slice included), else over the slice. Unit `pos` of a row covers the same columns
+// as combine_unit's, whichever grid.
 template <typename T>
 __host__ __device__ __forceinline__ int64_t expert_grad_units(const Mixture& mix,
                                                               bool want_experts) {
@@ -218,20 +219,24 @@ __host__ __device__ __forceinline__ int64_t expert_grad_units(const Mixture& mix
 // The `vectorised` argument of expert_grad_unit.
 template <typename T>
 inline bool expert_grad_vectorised(const Matrix& product, const Mixture& mix,
-                                   const void* d_experts) {
+                                   const void* d_experts, const void* weight) {
   return aligned_rows(product.data, product.row_stride, product.col_stride, kVec<T>) &&
          experts_vectorised<T>(mix) &&
-         (d_experts == nullptr || aligned_rows(d_experts, mix.k_max, 1, kVec<T>));
+         (d_experts == nullptr || aligned_rows(d_experts, mix.k_max, 1, kVec<T>)) &&
+         (weight == nullptr || aligned_rows(weight, mix.n_in, 1, kVec<T>));
 }
 
 // From G (n_out, n_in): for the unit's columns k of row o and every expert i,
 //   d_experts[i, o, k] = beta[o, i] G[o, k]  inside the slice, exactly 0 outside it (contiguous);
-//   partials[pos, o, i] = sum over the unit's k of G[o, k] E[i, o, k], for pos < the partial count.
-// Either output may be null. `vectorised`: G's, the experts' and d_experts' rows are 16-byte
-// aligned with unit column stride.
-template <typename T>
+//   partials[pos, o, i] = sum over the unit's k of G[o, k] E[i, o, k], for pos < the partial count;
+// and with WEIGHT, W_a[o, k] (n_out, n_in) contiguous, summed as combine_unit sums it: the
+// backward's dx needs W_a, and building it here reads the expert rows once for both.
+// d_experts and partials may be null. `vectorised`: G's, the experts', d_experts' and W_a's rows
+// are 16-byte aligned with unit column stride.
+template <typename T, bool WEIGHT>
 __host__ __device__ void expert_grad_unit(const Matrix& product, const Mixture& mix, T* d_experts,
-                                          acc_t<T>* partials, bool vectorised, int64_t unit) {
+                                          acc_t<T>* partials, T* weight, bool vectorised,
+                                          int64_t unit) {
   constexpr int VEC = kVec<T>;
   const int64_t per_row = units_per_row<T>(d_experts != nullptr ? mix.k_max : mix.n_in);
   const int64_t o = unit / per_row, pos = unit % per_row, k0 = first_column<T>(pos);
@@ -255,6 +260,7 @@ MOS_UNROLL
     Pack<T, VEC> g[kStrip];
 MOS_UNROLL
     for (int j = 0; j < kStrip; ++j) g[j] = load_pack(g_row + k0 + j * kStep<T>);
+    [[maybe_unused]] acc_t<T> sum[WEIGHT ? kStrip : 1][VEC] = {};
     for (int64_t i = 0; i < mix.m; ++i) {
       const acc_t<T> b = beta_at<T>(mix, o, i);
       if (d_experts != nullptr)
@@ -265,17 +271,34 @@ MOS_UNROLL
           for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(b * to_acc(g[j].v[v]));
           store_pack(de_row + i * de_expert_stride + k0 + j * kStep<T>, out);
         }
-      if (want_partials) {
+      if (want_partials || WEIGHT) {
         const T* e = expert_row<T>(mix, i, o) + k0;
         Pack<T, VEC> values[kStrip];
 MOS_UNROLL
         for (int j = 0; j < kStrip; ++j) values[j] = load_pack(e + j * kStep<T>);
-        acc_t<T> part = 0;
+        if (want_partials) {
+          acc_t<T> part = 0;
 MOS_UNROLL
-        for (int j = 0; j < kStrip; ++j)
+          for (int j = 0; j < kStrip; ++j)
 MOS_UNROLL
-          for (int v = 0; v < VEC; ++v) part += to_acc(g[j].v[v]) * to_acc(values[j].v[v]);
-        partials[(pos * mix.n_out + o) * mix.m + i] = part;
+            for (int v = 0; v < VEC; ++v) part += to_acc(g[j].v[v]) * to_acc(values[j].v[v]);
+          partials[(pos * mix.n_out + o) * mix.m + i] = part;
+        }
+        if constexpr (WEIGHT) {
+MOS_UNROLL
+          for (int j = 0; j < kStrip; ++j)
+MOS_UNROLL
+            for (int v = 0; v < VEC; ++v) sum[j][v] += b * to_acc(values[j].v[v]);
+        }
+      }
+    }
+    if constexpr (WEIGHT) {
+MOS_UNROLL
+      for (int j = 0; j < kStrip; ++j) {
+        Pack<T, VEC> out;
+MOS_UNROLL
+        for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(sum[j][v]);
+        store_pack(weight + o * mix.n_in + k0 + j * kStep<T>, out);
       }
     }
   } else {
@@ -297,6 +320,21 @@ MOS_NO_UNROLL
           if (want_partials && inside) part += g * to_acc(e[k * mix.col_stride]);
         }
       if (want_partials) partials[(pos * mix.n_out + o) * mix.m + i] = part;
+    }
+    if constexpr (WEIGHT) {
+      if (active) {
+MOS_NO_UNROLL
+        for (int j = 0; j < kStrip; ++j)
+MOS_NO_UNROLL
+          for (int v = 0; v < VEC; ++v) {
+            const int64_t k = k0 + j * kStep<T> + v;
+            if (k >= mix.n_in) break;
+            acc_t<T> total = 0;
+            for (int64_t i = 0; i < mix.m; ++i)
+              total += beta_at<T>(mix, o, i) * to_acc(expert_row<T>(mix, i, o)[k * mix.col_stride]);
+            weight[o * mix.n_in + k] = from_acc<T>(total);
+          }
+      }
     }
   }
 }

@@ -557,13 +557,13 @@ __global__ void __launch_bounds__(kUnitThreads)
     combine_unit<T>(mix, bias, weight, mixed, vectorised, u);
 }
 
-template <typename T>
+template <typename T, bool WEIGHT>
 __global__ void __launch_bounds__(kUnitThreads)
-    expert_grad_kernel(Matrix product, Mixture mix, T* d_experts, acc_t<T>* partials,
+    expert_grad_kernel(Matrix product, Mixture mix, T* d_experts, acc_t<T>* partials, T* weight,
                        bool vectorised) {
   const int64_t units = expert_grad_units<T>(mix, d_experts != nullptr);
   for (int64_t u = first_unit(); u < units; u += unit_step())
-    expert_grad_unit<T>(product, mix, d_experts, partials, vectorised, u);
+    expert_grad_unit<T, WEIGHT>(product, mix, d_experts, partials, weight, vectorised, u);
 }
 
 template <typename T>
@@ -632,18 +632,19 @@ int64_t max_partials(const Mixture& mix) {
 }
 
 // The weight gradient around the product: `product` launches the kernel that writes d_experts
-// (all of it) and the dbeta partials (n_partials per row), and sums dy's columns into the row
-// sums it is given (null: not asked to). Then the column sums if it did not, and dbeta / dbias.
+// (all of it), the dbeta partials (n_partials per row) and W_a where asked, and sums dy's columns
+// into the row sums it is given (null: not asked to). Then the column sums if it did not, and
+// dbeta / dbias.
 template <typename T, typename Product>
 cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias& bias,
-                               void* d_experts, void* d_beta, void* d_bias, void* workspace,
-                               cudaStream_t stream, int64_t n_partials, bool product_sums_rows,
-                               Product&& product) {
+                               void* d_experts, void* d_beta, void* d_bias, bool want_weight,
+                               void* workspace, cudaStream_t stream, int64_t n_partials,
+                               bool product_sums_rows, Product&& product) {
   acc_t<T>* partials = static_cast<acc_t<T>*>(workspace);
   acc_t<T>* sum_parts = partials + max_partials<T>(mix) * mix.n_out * mix.m;
   const bool want_sums =
       d_bias != nullptr || (d_beta != nullptr && bias.kind == BiasKind::kPerExpert);
-  const bool want_product = d_experts != nullptr || d_beta != nullptr;
+  const bool want_product = d_experts != nullptr || d_beta != nullptr || want_weight;
   const bool product_sums = want_sums && want_product && product_sums_rows;
   if (want_product) {
     if (cudaError_t err = product(partials, product_sums ? sum_parts : nullptr);
@@ -721,7 +722,7 @@ cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mi
     const int64_t k_tiles = fused_partials<T>(mix), o_tiles = ceil_div(mix.n_out, Cfg::kGradRows);
     if (k_tiles > INT32_MAX || o_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
     return launch_weight_grad<T>(
-        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream, k_tiles,
+        dy, mix, bias, d_experts, d_beta, d_bias, /*want_weight=*/false, workspace, stream, k_tiles,
         /*product_sums_rows=*/true, [&](acc_t<T>* partials, acc_t<T>* row_sums) {
           if (d_experts != nullptr && (mix.n_out < mix.n_max || mix.n_in < mix.k_max)) {
             const int64_t rows = mix.m * mix.n_max, col_blocks = ceil_div(mix.k_max, 256);
@@ -742,19 +743,26 @@ cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mi
 
 cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const Matrix& dy,
                                      const Mixture& mix, const Bias& bias, void* d_experts,
-                                     void* d_beta, void* d_bias, void* workspace,
+                                     void* d_beta, void* d_bias, void* weight, void* workspace,
                                      cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_weight_grad<T>(
-        dy, mix, bias, d_experts, d_beta, d_bias, workspace, stream,
+        dy, mix, bias, d_experts, d_beta, d_bias, weight != nullptr, workspace, stream,
         expert_grad_partials<T>(mix), /*product_sums_rows=*/false,
         [&](acc_t<T>* partials, acc_t<T>*) {
           const int64_t units = expert_grad_units<T>(mix, d_experts != nullptr);
           if (units == 0) return cudaSuccess;
-          expert_grad_kernel<T><<<unit_grid(units), kUnitThreads, 0, stream>>>(
-              product, mix, static_cast<T*>(d_experts), d_beta != nullptr ? partials : nullptr,
-              expert_grad_vectorised<T>(product, mix, d_experts));
+          T* const de = static_cast<T*>(d_experts);
+          acc_t<T>* const parts = d_beta != nullptr ? partials : nullptr;
+          const bool vectorised = expert_grad_vectorised<T>(product, mix, d_experts, weight);
+          if (weight != nullptr) {
+            expert_grad_kernel<T, true><<<unit_grid(units), kUnitThreads, 0, stream>>>(
+                product, mix, de, parts, static_cast<T*>(weight), vectorised);
+          } else {
+            expert_grad_kernel<T, false><<<unit_grid(units), kUnitThreads, 0, stream>>>(
+                product, mix, de, parts, nullptr, vectorised);
+          }
           return cudaGetLastError();
         });
   });

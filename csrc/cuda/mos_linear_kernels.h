@@ -69,10 +69,12 @@ cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mi
                         const Bias& bias, void* d_experts, void* d_beta, void* d_bias,
                         void* workspace, cudaStream_t stream);
 
-// The same outputs from a product G (n_out, n_in) already computed elsewhere (a vendor GEMM).
+// The same outputs from a product G (n_out, n_in) already computed elsewhere (a vendor GEMM),
+// and, when weight is not null, W_a (n_out, n_in) as combine() writes it: the backward's dx needs
+// W_a, and this pass reads the expert rows for d_beta anyway.
 cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const Matrix& dy,
                                      const Mixture& mix, const Bias& bias, void* d_experts,
-                                     void* d_beta, void* d_bias, void* workspace,
+                                     void* d_beta, void* d_bias, void* weight, void* workspace,
                                      cudaStream_t stream);
 
 }  // namespace mos_cuda
