@@ -151,6 +151,36 @@ inline bool combine_vectorised(const Mixture& mix, const void* weight) {
   return experts_vectorised<T>(mix) && aligned_rows(weight, mix.n_in, 1, kVec<T>);
 }
 
+// The unit's columns k0 + j * kStep + v (j < kStrip, v < VEC) of W_a's row o from the
+// accumulated sums, stored 16 bytes at a time.
+template <typename T, typename Sums>
+__host__ __device__ __forceinline__ void store_mixed_row(const Sums& sum, int64_t k0, T* w_row) {
+MOS_UNROLL
+  for (int j = 0; j < kStrip; ++j) {
+    Pack<T, kVec<T>> out;
+MOS_UNROLL
+    for (int v = 0; v < kVec<T>; ++v) out.v[v] = from_acc<T>(sum[j][v]);
+    store_pack(w_row + k0 + j * kStep<T>, out);
+  }
+}
+
+// The same columns (those below n_in) one element at a time, each summed over the experts in
+// order 0..m-1 as the vector path sums them.
+template <typename T>
+__host__ __device__ void mix_elements(const Mixture& mix, int64_t o, int64_t k0, T* w_row) {
+MOS_NO_UNROLL
+  for (int j = 0; j < kStrip; ++j)
+MOS_NO_UNROLL
+    for (int v = 0; v < kVec<T>; ++v) {
+      const int64_t k = k0 + j * kStep<T> + v;
+      if (k >= mix.n_in) break;
+      acc_t<T> sum = 0;
+      for (int64_t i = 0; i < mix.m; ++i)
+        sum += beta_at<T>(mix, o, i) * to_acc(expert_row<T>(mix, i, o)[k * mix.col_stride]);
+      w_row[k] = from_acc<T>(sum);
+    }
+}
+
 // Unit `unit` of W_a (n_out, n_in) contiguous = sum_i beta[o, i] E[i, o, :n_in], experts summed in
 // order 0..m-1, and b_a[o] from the row's first unit when mixed is not null. `vectorised`: the
 // experts' rows and W_a's rows are 16-byte aligned with unit column stride.
@@ -175,25 +205,9 @@ MOS_UNROLL
 MOS_UNROLL
         for (int v = 0; v < VEC; ++v) sum[j][v] += b * to_acc(values[j].v[v]);
     }
-MOS_UNROLL
-    for (int j = 0; j < kStrip; ++j) {
-      Pack<T, VEC> out;
-MOS_UNROLL
-      for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(sum[j][v]);
-      store_pack(w_row + k0 + j * kStep<T>, out);
-    }
+    store_mixed_row<T>(sum, k0, w_row);
   } else {
-MOS_NO_UNROLL
-    for (int j = 0; j < kStrip; ++j)
-MOS_NO_UNROLL
-      for (int v = 0; v < VEC; ++v) {
-        const int64_t k = k0 + j * kStep<T> + v;
-        if (k >= mix.n_in) break;
-        acc_t<T> sum = 0;
-        for (int64_t i = 0; i < mix.m; ++i)
-          sum += beta_at<T>(mix, o, i) * to_acc(expert_row<T>(mix, i, o)[k * mix.col_stride]);
-        w_row[k] = from_acc<T>(sum);
-      }
+    mix_elements<T>(mix, o, k0, w_row);
   }
   if (mixed != nullptr && pos == 0) mixed[o] = from_acc<T>(mixed_bias<T>(bias, mix, o));
 }
@@ -292,15 +306,7 @@ MOS_UNROLL
         }
       }
     }
-    if constexpr (WEIGHT) {
-MOS_UNROLL
-      for (int j = 0; j < kStrip; ++j) {
-        Pack<T, VEC> out;
-MOS_UNROLL
-        for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(sum[j][v]);
-        store_pack(weight + o * mix.n_in + k0 + j * kStep<T>, out);
-      }
-    }
+    if constexpr (WEIGHT) store_mixed_row<T>(sum, k0, weight + o * mix.n_in);
   } else {
     const int64_t limit = d_experts != nullptr ? mix.k_max : mix.n_in;
     for (int64_t i = 0; i < mix.m; ++i) {
@@ -322,19 +328,7 @@ MOS_NO_UNROLL
       if (want_partials) partials[(pos * mix.n_out + o) * mix.m + i] = part;
     }
     if constexpr (WEIGHT) {
-      if (active) {
-MOS_NO_UNROLL
-        for (int j = 0; j < kStrip; ++j)
-MOS_NO_UNROLL
-          for (int v = 0; v < VEC; ++v) {
-            const int64_t k = k0 + j * kStep<T> + v;
-            if (k >= mix.n_in) break;
-            acc_t<T> total = 0;
-            for (int64_t i = 0; i < mix.m; ++i)
-              total += beta_at<T>(mix, o, i) * to_acc(expert_row<T>(mix, i, o)[k * mix.col_stride]);
-            weight[o * mix.n_in + k] = from_acc<T>(total);
-          }
-      }
+      if (active) mix_elements<T>(mix, o, k0, weight + o * mix.n_in);
     }
   }
 }
