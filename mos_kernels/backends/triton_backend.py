@@ -9,8 +9,9 @@ Two strategies, picked per call by the module attribute ``strategy``:
   from its epilogue.
 - "combine": one pass writes W_a (n_out, n_in) (and the mixed bias), then torch (cuBLAS) runs the
   GEMMs; G = dy^T x by torch.mm too (in the input dtype), then the same epilogue kernel reads G
-  instead of computing it. Meant for large token counts: the one-pass kernels recombine each
-  weight tile once per token tile, on the CUDA cores, while combine does it once.
+  instead of computing it, and writes W_a again for dx from the expert tiles it reads for the
+  dbeta partials (no second combine pass). Meant for large token counts: the one-pass kernels
+  recombine each weight tile once per token tile, on the CUDA cores, while combine does it once.
 - "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on.
 Set ``triton_backend.strategy`` to force one (the op benchmark does, to show the crossover).
 
@@ -191,18 +192,20 @@ if triton is not None:
     _WANTS = ["want_de", "want_parts", "want_s"]
 
     @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _WANTS + _KEYS)
-    def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, T, n_out, n_in, N_max, K_max,
+    def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, W, T, n_out, n_in, N_max, K_max,
                             stride_dyt, stride_dyo, stride_xt, stride_xk, stride_go, stride_gk,
                             stride_e0, stride_e1, stride_e2, stride_bo, stride_bi, stride_de0,
                             want_de, want_parts, want_s, T_KEY, N_KEY, K_KEY, M: tl.constexpr,
                             ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                            FROM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            FROM_G: tl.constexpr, WANT_W: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One (o, k) tile of G = dy^T x (or of a given G), then in the epilogue:
         dE[i, o, k] = beta[o, i] G[o, k] for every expert over the whole (N_max, K_max) grid
         (exactly zero outside the slice), Parts[pid_k, o, i] = sum_k G[o, k] E[i, o, k] over
         this tile, and (tiles with pid_k == 0) s[o] = sum_t dy[t, o]. The want_* flags are
-        runtime values: one compiled kernel serves every combination of needed gradients."""
+        runtime values: one compiled kernel serves every combination of needed gradients.
+        WANT_W: also W_a (n_out, n_in) contiguous from the expert tiles read for Parts, for the
+        combine strategy's dx."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         os_ = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -244,14 +247,24 @@ if triton is not None:
                 tl.store(de_ptrs, (b[:, None] * acc).to(DE.dtype.element_ty), mask=de_mask)
                 de_ptrs += stride_de0
                 beta_ptrs += stride_bi
-        if (want_parts != 0) & in_slice:
+        if ((want_parts != 0) | WANT_W) & in_slice:
+            mask = o_ok[:, None] & k_ok[None, :]
             e_ptrs = E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2
             part_ptrs = Parts + (pid_k.to(tl.int64) * n_out + os64) * M
+            beta_ptrs = Beta + os64 * stride_bo
+            w = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
             for _ in tl.static_range(M):
-                e = tl.load(e_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-                tl.store(part_ptrs, tl.sum(acc * e, axis=1), mask=o_ok)
+                e = tl.load(e_ptrs, mask=mask, other=0.0).to(ACC)
+                if want_parts != 0:
+                    tl.store(part_ptrs, tl.sum(acc * e, axis=1), mask=o_ok)
+                if WANT_W:
+                    w += tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)[:, None] * e
                 e_ptrs += stride_e0
                 part_ptrs += 1
+                beta_ptrs += stride_bi
+            if WANT_W:
+                tl.store(W + os64[:, None] * n_in + ks64[None, :], w.to(W.dtype.element_ty),
+                         mask=mask)
 
     @triton.jit(do_not_specialize=["n_parts", "n_out", "N_max", "bias_kind", "want_dbeta",
                                    "want_dbias"] + _SMALL_LOADS)
@@ -392,7 +405,7 @@ if triton is not None:
             _GEMM_CONFIGS, key=_gemm_key,
             prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_grad_input_kernel)
         _weight_grad_kernel = triton.autotune(
-            _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G"] + _WANTS,
+            _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G", "WANT_W"] + _WANTS,
             prune_configs_by={"early_config_prune": _pruner(_wgrad_shared)})(_weight_grad_kernel)
         _combine_kernel = triton.autotune(_COMBINE_CONFIGS,
                                           key=["N_KEY", "K_KEY", "M"])(_combine_kernel)
@@ -548,9 +561,18 @@ def backward(dy, x, experts, beta, bias, needs):
                          f"{dy.device}")
     want_dx = bool(needs[0])
     with _device(x):
+        # The combine strategy's dx needs W_a: the weight-gradient kernel writes it from the
+        # expert tiles it reads anyway, when it runs.
+        weight = None
+        if want_dx and d.strategy == "combine" and (needs[1] or needs[2]):
+            weight = experts.new_empty(d.n_out, d.n_in)
+        grads = _weight_side_grads(d, experts, beta, bias, needs[1:], dy=dy, x=x, weight=weight)
         # Gradients not asked for are distinct empty tensors (outputs of an op may not alias).
-        dx = _grad_input(dy, x, experts, beta, d) if want_dx else x.new_empty(0)
-        return (dx,) + _weight_side_grads(d, experts, beta, bias, needs[1:], dy=dy, x=x)
+        if weight is not None:
+            dx = torch.mm(dy, weight)
+        else:
+            dx = _grad_input(dy, x, experts, beta, d) if want_dx else x.new_empty(0)
+        return (dx,) + grads
 
 
 def combine(experts, beta, bias, n_in):
@@ -581,10 +603,12 @@ def combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs):
                                   sums=sums)
 
 
-def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=None, sums=None):
+def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=None, sums=None,
+                       weight=None):
     """(dexperts, dbeta, dbias) for needs = (dexperts, dbeta, dbias) wanted: from dy and x, or
     from a given product G (n_out, n_in) and the column sums of dy (acc dtype, or None without
-    a bias that needs them)."""
+    a bias that needs them). A given ``weight`` (n_out, n_in), with dexperts or dbeta wanted,
+    receives W_a."""
     want_de, want_dbeta, want_dbias = (bool(n) for n in needs)
     want_dbias = want_dbias and bias is not None
     bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
@@ -616,12 +640,13 @@ def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=N
 
         _weight_grad_kernel[grid](
             dy, x, grad_rows, experts, beta, de if want_de else grad_rows,
-            parts if want_dbeta else grad_rows, row_sums, d.tokens, d.n_out, d.n_in, d.n_max,
+            parts if want_dbeta else grad_rows, row_sums,
+            weight if weight is not None else grad_rows, d.tokens, d.n_out, d.n_in, d.n_max,
             d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
             *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
             int(want_s and not from_g), _key(d.tokens), _key(d.n_out), _key(d.n_in),
             M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g,
-            **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
+            WANT_W=weight is not None, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
         n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
         assert n_parts <= max_parts
     elif want_s and not from_g:
