@@ -151,8 +151,16 @@ def test_zero_tokens(strategy):
 def test_strategy_rule(monkeypatch):
     monkeypatch.setattr(triton_backend, "strategy", "auto")
     threshold = triton_backend.COMBINE_MIN_TOKENS
-    assert triton_backend.choose_strategy(threshold - 1, 768, 3072, 2) == "onepass"
-    assert triton_backend.choose_strategy(threshold, 768, 3072, 2) == "combine"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert triton_backend.choose_strategy(threshold - 1, 768, 3072, 2, dtype) == "onepass"
+        assert triton_backend.choose_strategy(threshold, 768, 3072, 2, dtype) == "combine"
+    # Exact fp32 and fp64 take cuBLAS's exact GEMMs at every size; fp32 with TF32 the rule.
+    monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: False)
+    assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float32) == "combine"
+    assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float64) == "combine"
+    monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: True)
+    assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float32) == "onepass"
+    assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float64) == "combine"
     for name in triton_backend.STRATEGIES:
         monkeypatch.setattr(triton_backend, "strategy", name)
         assert triton_backend.choose_strategy(1, 8, 8, 2) == name
@@ -170,6 +178,7 @@ def test_auto_runs_the_strategy_the_rule_picks(monkeypatch):
                         lambda *a: combined.append(1) or original(*a))
     monkeypatch.setattr(triton_backend, "strategy", "auto")
     monkeypatch.setattr(triton_backend, "COMBINE_MIN_TOKENS", 16)
+    monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: True)  # fp32 follows the rule
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         15, 20, 17, 24, 20, 2, False, "expert", torch.float32))
     y_small = triton_backend.forward(x, experts, beta, bias)

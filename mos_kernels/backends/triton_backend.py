@@ -12,7 +12,8 @@ Two strategies, picked per call by the module attribute ``strategy``:
   instead of computing it, and writes W_a again for dx from the expert tiles it reads for the
   dbeta partials (no second combine pass). Meant for large token counts: the one-pass kernels
   recombine each weight tile once per token tile, on the CUDA cores, while combine does it once.
-- "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on.
+- "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on, and
+  always for exact fp32 (TF32 not allowed) and fp64, whose dots Triton runs on the CUDA cores.
 Set ``triton_backend.strategy`` to force one (the op benchmark does, to show the crossover).
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
@@ -74,13 +75,19 @@ def unavailable_reason(device):
     return None
 
 
-def choose_strategy(tokens: int, n_out: int, n_in: int, num_experts: int) -> str:
-    """The strategy a call runs: ``strategy`` when it names one, else the shape rule of "auto"."""
+def choose_strategy(tokens: int, n_out: int, n_in: int, num_experts: int,
+                    dtype: torch.dtype = torch.bfloat16) -> str:
+    """The strategy a call runs: ``strategy`` when it names one, else the rule of "auto"."""
     if strategy in STRATEGIES:
         return strategy
     if strategy != "auto":
         raise ValueError(f"triton_backend.strategy must be 'auto' or one of {STRATEGIES}, "
                          f"got {strategy!r}")
+    if dtype == torch.float64 or (dtype == torch.float32 and not _tf32_allowed()):
+        # Exact fp32 and fp64 dots run on the CUDA cores in Triton: compiled for sm_80 and
+        # sm_90 the one-pass kernels then spill kilobytes of registers per thread
+        # (tests/triton_compile.py), where cuBLAS has its exact GEMMs.
+        return "combine"
     return "combine" if tokens >= COMBINE_MIN_TOKENS else "onepass"
 
 
@@ -327,10 +334,11 @@ if triton is not None:
 
     # (token, output, reduction) tiles for the forward and dx GEMMs; the first is the one used
     # for small problems. The weight tile is recombined once per token tile, so the tall tiles
-    # (256 tokens) halve that work at large token counts.
+    # (256 tokens) halve that work at large token counts. (256 x 128 x 32 is not among them:
+    # compiled, its forward spills registers and its dx needs more shared memory than an H100
+    # has; tests/test_triton_compile.py.)
     _GEMM_CONFIGS = [
         _config(4, 3, BLOCK_T=32, BLOCK_N=64, BLOCK_K=32, GROUP=8),
-        _config(8, 3, BLOCK_T=256, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(8, 3, BLOCK_T=256, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=32, GROUP=8),
@@ -385,12 +393,21 @@ if triton is not None:
             return fits
         return prune
 
-    # Elements of shared memory a config takes (an upper bound of what Triton 3.6 allocated on
-    # an H100): num_stages - 1 pipeline buffers of the loop's loads, plus the tiles that go
-    # through shared memory on the way to the dot (the combined weight) or to the stores.
+    # Elements of shared memory a config takes: num_stages - 1 pipeline buffers of the loop's
+    # loads (the activation tile and the m expert tiles), plus the tiles that go through shared
+    # memory on the way to the dot (the activation and the combined weight). An upper bound of
+    # what Triton 3.6 allocated on an H100 and of what Triton 3.9 compiles for sm_80 and sm_90
+    # (tests/test_triton_compile.py checks it against the compiler). The forward's activation
+    # tile is (BLOCK_T, BLOCK_K) of x; dx's is (BLOCK_T, BLOCK_N) of dy, and its loop also
+    # pipelines beta's rows for each block of output features.
     def _gemm_shared(c, stages, m):
-        per_stage = c["BLOCK_T"] * c["BLOCK_K"] + m * c["BLOCK_N"] * c["BLOCK_K"]
-        return (stages - 1) * per_stage + c["BLOCK_T"] * c["BLOCK_K"] + c["BLOCK_N"] * c["BLOCK_K"]
+        act_tile, weight_tile = c["BLOCK_T"] * c["BLOCK_K"], c["BLOCK_N"] * c["BLOCK_K"]
+        return (stages - 1) * (act_tile + m * weight_tile) + act_tile + weight_tile
+
+    def _grad_input_shared(c, stages, m):
+        act_tile, weight_tile = c["BLOCK_T"] * c["BLOCK_N"], c["BLOCK_N"] * c["BLOCK_K"]
+        per_stage = act_tile + m * weight_tile + m * c["BLOCK_N"]
+        return (stages - 1) * per_stage + act_tile + weight_tile
 
     def _wgrad_shared(c, stages, m):
         per_stage = c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_K"])
@@ -403,7 +420,8 @@ if triton is not None:
             prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_forward_kernel)
         _grad_input_kernel = triton.autotune(
             _GEMM_CONFIGS, key=_gemm_key,
-            prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_grad_input_kernel)
+            prune_configs_by={"early_config_prune": _pruner(_grad_input_shared)},
+        )(_grad_input_kernel)
         _weight_grad_kernel = triton.autotune(
             _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G", "WANT_W"] + _WANTS,
             prune_configs_by={"early_config_prune": _pruner(_wgrad_shared)})(_weight_grad_kernel)
@@ -476,7 +494,8 @@ class _Dims:
         self.acc, self.dot = _types(experts.dtype)
         self.acc_torch = torch.float64 if experts.dtype == torch.float64 else torch.float32
         self.precision = _precision(experts.dtype)
-        self.strategy = choose_strategy(self.tokens, self.n_out, self.n_in, self.m)
+        self.strategy = choose_strategy(self.tokens, self.n_out, self.n_in, self.m,
+                                        experts.dtype)
 
 
 def _dims(x, experts, beta):
