@@ -396,10 +396,11 @@ if triton is not None:
     # Elements of shared memory a config takes: num_stages - 1 pipeline buffers of the loop's
     # loads (the activation tile and the m expert tiles), plus the tiles that go through shared
     # memory on the way to the dot (the activation and the combined weight). An upper bound of
-    # what Triton 3.6 allocated on an H100 and of what Triton 3.9 compiles for sm_80 and sm_90
-    # (tests/test_triton_compile.py checks it against the compiler). The forward's activation
-    # tile is (BLOCK_T, BLOCK_K) of x; dx's is (BLOCK_T, BLOCK_N) of dy, and its loop also
-    # pipelines beta's rows for each block of output features.
+    # what Triton 3.6 allocated for the forward on an H100, and of what Triton 3.9 compiles for
+    # both kernels for sm_80 and sm_90 (tests/test_triton_compile.py checks that against the
+    # compiler). The forward's activation tile is (BLOCK_T, BLOCK_K) of x; dx's is
+    # (BLOCK_T, BLOCK_N) of dy, and its loop also pipelines beta's rows for each block of output
+    # features.
     def _gemm_shared(c, stages, m):
         act_tile, weight_tile = c["BLOCK_T"] * c["BLOCK_K"], c["BLOCK_N"] * c["BLOCK_K"]
         return (stages - 1) * (act_tile + m * weight_tile) + act_tile + weight_tile
