@@ -85,10 +85,10 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
 
     save_mixed_weight: build W_a (and b_a) once in the forward, run F.linear on it and keep it
     for the backward, instead of combining W_a again there, for n_out * n_in more memory held
-    by the autograd graph until the backward. The cpu backend and the cuda backend's default
-    strategy rebuild W_a inside the gradient epilogue's pass over the expert rows, so there it
-    saves little; the one-pass kernels (triton, cuda's fused strategy) recombine W_a tile by tile
-    for dx, and there it saves more.
+    by the autograd graph until the backward. The cpu backend and the combine-then-GEMM
+    strategies of cuda and triton rebuild W_a inside the gradient epilogue's pass over the
+    expert rows, so there it saves little; the one-pass kernels (triton's, and cuda's fused
+    strategy) recombine W_a tile by tile for dx, and there it saves more.
     """
     if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
             and torch.is_autocast_enabled(x.device.type)):
