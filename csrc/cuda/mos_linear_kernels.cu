@@ -422,11 +422,11 @@ __global__ void __launch_bounds__(256)
 // The epilogue of the weight gradient for one (BM x BN) tile of G staged in C: row o of the tile,
 // for each expert i, dE[i, o, k] = beta[o, i] G[o, k] for the tile's k, and the tile's share of
 // dbeta[o, i] = sum_k G[o, k] E[i, o, k], summed by one warp in a fixed order, written to
-// partials[k_tile, o, i].
+// partials[o, k_tile, i] (k_tiles per row, as finish_row reads them).
 template <typename T, int BM, int BN, int LDC, int THREADS>
 __device__ void expert_grad_epilogue(const acc_t<T>* C, const Mixture& mix, T* d_experts,
                                      acc_t<T>* partials, bool want_beta, int64_t o0, int64_t k0,
-                                     int64_t k_tile) {
+                                     int64_t k_tile, int64_t k_tiles) {
   const T* experts = static_cast<const T*>(mix.experts);
   const T* beta = static_cast<const T*>(mix.beta);
   const int lane = threadIdx.x % 32;
@@ -449,7 +449,7 @@ __device__ void expert_grad_epilogue(const acc_t<T>* C, const Mixture& mix, T* d
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2)
           part += __shfl_xor_sync(0xffffffffu, part, offset);
-        if (lane == 0) partials[(k_tile * mix.n_out + o) * mix.m + i] = part;
+        if (lane == 0) partials[(o * k_tiles + k_tile) * mix.m + i] = part;
       }
     }
   }
@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(256, 2)  // two blocks per SM: 128 registers a
     mma.stage(C, LDC);
     __syncthreads();
     expert_grad_epilogue<T, BM, BN, LDC, THREADS>(C, mix, d_experts, partials, want_beta, o0, k0,
-                                                  blockIdx.x);
+                                                  blockIdx.x, gridDim.x);
   }
 }
 
@@ -539,8 +539,8 @@ __global__ void zero_outside_slice_kernel(T* d_experts, Mixture mix) {
   }
 }
 
-// The work units of mos_linear_elementwise.cuh, grid-stride over `units`, 256 threads a block.
-constexpr int kUnitThreads = 256;
+// The work units of mos_linear_elementwise.cuh, grid-stride over `units`, kUnitThreads a block
+// (its header says why).
 
 __device__ __forceinline__ int64_t first_unit() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -551,19 +551,18 @@ __device__ __forceinline__ int64_t unit_step() {
 
 template <typename T>
 __global__ void __launch_bounds__(kUnitThreads)
-    combine_kernel(Mixture mix, Bias bias, T* weight, T* mixed, bool vectorised) {
+    combine_kernel(Mixture mix, Bias bias, T* weight, int64_t w_stride, T* mixed) {
   const int64_t units = combine_units<T>(mix);
   for (int64_t u = first_unit(); u < units; u += unit_step())
-    combine_unit<T>(mix, bias, weight, mixed, vectorised, u);
+    combine_unit<T>(mix, bias, weight, w_stride, mixed, u);
 }
 
 template <typename T, bool WEIGHT>
-__global__ void __launch_bounds__(kUnitThreads)
-    expert_grad_kernel(Matrix product, Mixture mix, T* d_experts, acc_t<T>* partials, T* weight,
-                       bool vectorised) {
-  const int64_t units = expert_grad_units<T>(mix, d_experts != nullptr);
+__global__ void __launch_bounds__(kUnitThreads, 8)
+    expert_grad_kernel(Matrix product, Mixture mix, GradOut<T> out) {
+  const int64_t units = expert_grad_units<T>(mix, out.d_experts != nullptr);
   for (int64_t u = first_unit(); u < units; u += unit_step())
-    expert_grad_unit<T, WEIGHT>(product, mix, d_experts, partials, weight, vectorised, u);
+    expert_grad_unit<T, WEIGHT>(product, mix, out, u);
 }
 
 template <typename T>
@@ -574,12 +573,13 @@ __global__ void __launch_bounds__(kUnitThreads)
     column_sum_unit<T>(a, parts, vectorised, u);
 }
 
+// One warp a row (finish_row's warp sums need every lane of it).
 template <typename T>
-__global__ void finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, int64_t n_partials,
-                              const acc_t<T>* sum_parts, int64_t n_sum_parts, T* d_beta,
-                              T* d_bias) {
+__global__ void __launch_bounds__(kUnitThreads)
+    finish_kernel(Mixture mix, Bias bias, const acc_t<T>* partials, int64_t n_partials,
+                  const acc_t<T>* sum_parts, int64_t n_sum_parts, T* d_beta, T* d_bias) {
   finish_row<T>(mix, bias, partials, n_partials, sum_parts, n_sum_parts, d_beta, d_bias,
-                first_unit());
+                first_unit() / kWarp);
 }
 
 // ------------------------------------------------------------------------------ launchers
@@ -660,8 +660,8 @@ cudaError_t launch_weight_grad(const Matrix& dy, const Mixture& mix, const Bias&
     }
   }
   if (d_beta != nullptr || d_bias != nullptr) {
-    const int64_t n_sum_parts = product_sums ? 1 : column_sum_parts(dy.rows);
-    finish_kernel<T><<<static_cast<unsigned>(ceil_div(mix.n_max, 256)), 256, 0, stream>>>(
+    const int64_t n_sum_parts = product_sums ? 1 : column_sum_parts<T>(dy.rows, dy.cols);
+    finish_kernel<T><<<unit_grid(mix.n_max * kWarp), kUnitThreads, 0, stream>>>(
         mix, bias, partials, n_partials, want_sums ? sum_parts : nullptr, n_sum_parts,
         static_cast<T*>(d_beta), static_cast<T*>(d_bias));
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
@@ -689,14 +689,14 @@ cudaError_t input_grad(DType dtype, const Matrix& dy, const Mixture& mix, void* 
 }
 
 cudaError_t combine(DType dtype, const Mixture& mix, const Bias& bias, void* weight,
-                    void* mixed_bias, cudaStream_t stream) {
+                    void* mixed_bias, cudaStream_t stream, int64_t weight_row_stride) {
   return dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int64_t units = combine_units<T>(mix);
     if (units == 0) return cudaSuccess;
     combine_kernel<T><<<unit_grid(units), kUnitThreads, 0, stream>>>(
-        mix, bias, static_cast<T*>(weight), static_cast<T*>(mixed_bias),
-        combine_vectorised<T>(mix, weight));
+        mix, bias, static_cast<T*>(weight), weight_row_stride > 0 ? weight_row_stride : mix.n_in,
+        static_cast<T*>(mixed_bias));
     return cudaGetLastError();
   });
 }
@@ -705,7 +705,7 @@ size_t weight_grad_workspace_bytes(DType dtype, const Mixture& mix, int64_t toke
   size_t bytes = 0;
   dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int64_t sum_parts = column_sum_parts(tokens) > 1 ? column_sum_parts(tokens) : 1;
+    const int64_t parts = column_sum_parts<T>(tokens, mix.n_out), sum_parts = parts > 1 ? parts : 1;
     bytes = static_cast<size_t>((max_partials<T>(mix) * mix.m + sum_parts) * mix.n_out) *
             sizeof(acc_t<T>);
     return cudaSuccess;
@@ -744,7 +744,7 @@ cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mi
 cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const Matrix& dy,
                                      const Mixture& mix, const Bias& bias, void* d_experts,
                                      void* d_beta, void* d_bias, void* weight, void* workspace,
-                                     cudaStream_t stream) {
+                                     cudaStream_t stream, int64_t weight_row_stride) {
   return dispatch(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return launch_weight_grad<T>(
@@ -753,15 +753,15 @@ cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const M
         [&](acc_t<T>* partials, acc_t<T>*) {
           const int64_t units = expert_grad_units<T>(mix, d_experts != nullptr);
           if (units == 0) return cudaSuccess;
-          T* const de = static_cast<T*>(d_experts);
-          acc_t<T>* const parts = d_beta != nullptr ? partials : nullptr;
-          const bool vectorised = expert_grad_vectorised<T>(product, mix, d_experts, weight);
+          const GradOut<T> out{static_cast<T*>(d_experts), d_beta != nullptr ? partials : nullptr,
+                               static_cast<T*>(weight),
+                               weight_row_stride > 0 ? weight_row_stride : mix.n_in};
           if (weight != nullptr) {
             expert_grad_kernel<T, true><<<unit_grid(units), kUnitThreads, 0, stream>>>(
-                product, mix, de, parts, static_cast<T*>(weight), vectorised);
+                product, mix, out);
           } else {
             expert_grad_kernel<T, false><<<unit_grid(units), kUnitThreads, 0, stream>>>(
-                product, mix, de, parts, nullptr, vectorised);
+                product, mix, out);
           }
           return cudaGetLastError();
         });

@@ -53,8 +53,11 @@ cudaError_t input_grad(DType dtype, const Matrix& dy, const Mixture& mix, void* 
                        cudaStream_t stream);
 
 // W_a (n_out, n_in) and, when mixed_bias is not null, b_a (n_out,): for combine-then-GEMM.
+// W_a's rows are weight_row_stride >= n_in elements apart (0: n_in, contiguous). Rows that start
+// 16-byte aligned are written 16 bytes at a time; when n_in is not a multiple of 16 bytes, a
+// stride rounded up to one keeps every row aligned (and suits cuBLAS too).
 cudaError_t combine(DType dtype, const Mixture& mix, const Bias& bias, void* weight,
-                    void* mixed_bias, cudaStream_t stream);
+                    void* mixed_bias, cudaStream_t stream, int64_t weight_row_stride = 0);
 
 // Scratch bytes weight_grad and weight_grad_from_product need for `tokens` rows of dy (per-tile
 // dbeta partials, partial column sums of dy).
@@ -70,11 +73,12 @@ cudaError_t weight_grad(DType dtype, const Matrix& dy, const Matrix& x, const Mi
                         void* workspace, cudaStream_t stream);
 
 // The same outputs from a product G (n_out, n_in) already computed elsewhere (a vendor GEMM),
-// and, when weight is not null, W_a (n_out, n_in) as combine() writes it: the backward's dx needs
-// W_a, and this pass reads the expert rows for d_beta anyway.
+// and, when weight is not null, W_a (n_out, n_in) as combine() writes it, rows weight_row_stride
+// apart (0: n_in): the backward's dx needs W_a, and this pass reads the expert rows for d_beta
+// anyway. Each expert element is read once.
 cudaError_t weight_grad_from_product(DType dtype, const Matrix& product, const Matrix& dy,
                                      const Mixture& mix, const Bias& bias, void* d_experts,
                                      void* d_beta, void* d_bias, void* weight, void* workspace,
-                                     cudaStream_t stream);
+                                     cudaStream_t stream, int64_t weight_row_stride = 0);
 
 }  // namespace mos_cuda
