@@ -1,10 +1,14 @@
 """Every CUDA kernel file compiles with the machine's nvcc, warnings as errors, for each GPU
 generation we ship: no GPU and no CUDA torch needed (the .cu files include no torch headers).
-The tensor binding (csrc/cuda/mos_linear_cuda.cpp) is type-checked against the torch headers
-and the toolkit's runtime headers, so an API mismatch shows here, not at a GPU user's install."""
+ptxas's report (-v) must show no register spills in the elementwise kernels
+(csrc/cuda/mos_linear_elementwise.cuh), which are memory-bound: a spill is memory traffic they
+exist to avoid. The tensor binding (csrc/cuda/mos_linear_cuda.cpp) is type-checked against the
+torch headers and the toolkit's runtime headers, so an API mismatch shows here, not at a GPU
+user's install."""
 import functools
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -26,6 +30,25 @@ FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
          "-Xcompiler", "-fPIC,-Wall,-Werror", "-Werror", "all-warnings"]
 
 
+# The kernels that wrap the elementwise units, and the file that defines them.
+ELEMENTWISE_KERNELS = ("combine_kernel", "expert_grad_kernel", "column_sum_kernel",
+                       "finish_kernel")
+ELEMENTWISE_SOURCE = "mos_linear_kernels.cu"
+
+
+def ptxas_report(log):
+    """{mangled kernel name: (registers, spill store bytes, spill load bytes)} from ptxas -v."""
+    report = {}
+    for block in re.split(r"(?=ptxas info\s*: Compiling entry function)", log):
+        name = re.search(r"Compiling entry function '(\w+)'", block)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
+        registers = re.search(r"Used (\d+) registers", block)
+        if name and spills and registers:
+            report[name.group(1)] = (int(registers.group(1)), int(spills.group(1)),
+                                     int(spills.group(2)))
+    return report
+
+
 @functools.lru_cache(maxsize=None)
 def nvcc_archs():
     out = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True)
@@ -43,13 +66,21 @@ def test_kernels_compile(source, arch, tmp_path):
     if f"compute_{arch}" not in nvcc_archs():
         pytest.skip(f"this nvcc cannot build for sm_{arch} (CUDA 13 starts at sm_75)")
     obj = tmp_path / (os.path.basename(source) + f".sm{arch}.o")
-    cmd = [NVCC, *FLAGS, "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-c", source,
-           "-o", str(obj)]
+    cmd = [NVCC, *FLAGS, "-Xptxas", "-v", "-gencode", f"arch=compute_{arch},code=sm_{arch}",
+           "-c", source, "-o", str(obj)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)}\n{log}"
     assert "warning" not in log.lower(), log
     assert obj.stat().st_size > 0
+    if os.path.basename(source) == ELEMENTWISE_SOURCE:
+        report = ptxas_report(log)
+        ours = {name: usage for name, usage in report.items()
+                if any(kernel in name for kernel in ELEMENTWISE_KERNELS)}
+        # combine, column sums and finish per dtype, the gradient epilogue per dtype and W_a
+        assert len(ours) == 4 * 5, f"elementwise kernels in ptxas's report: {sorted(ours)}"
+        spilled = {name: usage for name, usage in ours.items() if usage[1] or usage[2]}
+        assert not spilled, f"sm_{arch}: (registers, spill store, spill load bytes): {spilled}"
 
 
 def cuda_include_dir():

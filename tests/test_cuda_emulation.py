@@ -185,13 +185,17 @@ def aligned(t, offset_elements=0):
     return (t.data_ptr() + offset_elements * t.element_size()) % 16 == 0
 
 
-def units(slots, fast_row, partial):
-    """(16-byte, slot-by-slot) units of a row of `slots` slots, 4 slots a unit: all go slot by
-    slot on a row whose accesses are not all aligned, else only the unit that holds a partial
-    last slot."""
-    total = -(-slots // 4)
-    slow = total if not fast_row else int(partial and slots > 0)
+def units(total, fast_row, partial):
+    """(16-byte, slot-by-slot) units of a row of `total` units: all go slot by slot on a row
+    whose accesses are not all aligned, else only the unit that holds a partial last slot."""
+    slow = total if not fast_row else int(partial and total > 0)
     return total - slow, slow
+
+
+def slice_units(n_in, dtype):
+    """Units over a row's n_in columns: 4 whole slots a unit, then one for a partial slot."""
+    whole, partial = divmod(n_in, vec(dtype))
+    return -(-whole // 4) + (partial > 0), partial > 0
 
 
 def experts_aligned(experts, o, dtype):
@@ -201,10 +205,9 @@ def experts_aligned(experts, o, dtype):
 
 
 def expected_combine_units(experts, weight, n_out, n_in, dtype):
-    total, width = (0, 0), vec(dtype)
-    for o in range(n_out):
-        fast = experts_aligned(experts, o, dtype) and aligned(weight, o * weight.stride(0))
-        total = add(total, units(-(-n_in // width), fast, n_in % width))
+    total, (count, partial) = (0, 0), slice_units(n_in, dtype)
+    for o in range(n_out):  # W_a's misaligned rows take element-by-element stores on the way
+        total = add(total, units(count, experts_aligned(experts, o, dtype), partial))
     return total
 
 
@@ -224,11 +227,12 @@ def expected_grad_units(product, experts, outputs, n_out, n_in, dtype):
         fast = fast and (d_beta is None and weight is None or experts_aligned(experts, o, dtype))
         fast = fast and (d_experts is None or grads_aligned(o))
         fast = fast and (weight is None or aligned(weight, o * weight.stride(0)))
-        total = add(total, units(in_slots, fast, n_in % width))
+        count, partial = slice_units(n_in, dtype)
+        total = add(total, units(count, fast, partial))
     if d_experts is not None:
         for o in range(n_max):
             zeros = all_slots - in_slots if o < n_out else all_slots
-            total = add(total, units(zeros, grads_aligned(o), k_max % width))
+            total = add(total, units(-(-zeros // 4), grads_aligned(o), k_max % width))
     return total
 
 

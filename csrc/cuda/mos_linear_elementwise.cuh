@@ -9,31 +9,35 @@
 // machines without a GPU. mos_linear_kernels.cu wraps them in grid-stride kernels. The one step
 // shared by threads, the warp sums of finish_row, has a host form that adds in the same order.
 //
-// Rows are read in slots of kVec columns, 16 bytes (fp64: 2 doubles); a row's last slot is
-// partial when its length is not a multiple of 16 bytes. A unit owns kStrip slots of one row:
-// unit p of the U units over a row's slots takes slots p, p + U, p + 2U, p + 3U, so the threads
-// of a warp (consecutive units) touch consecutive slots, 512 bytes per load instruction, and
-// each thread has kStrip 16-byte loads in flight per expert. Each unit has two paths:
-// - the 16-byte path, when its slots are all whole and every row it touches starts 16-byte
-//   aligned with unit column stride: unrolled over the slots, every load of an expert issued
-//   before any is used, beta[o, i] read once per unit and expert. A unit with fewer than kStrip
-//   slots (the last units of a row whose slot count is not a multiple of kStrip) repeats its
-//   first slot in the spare places, writing the same values to the same place again: branches
-//   around the spare slots cost ptxas about a third more registers.
-// - slot by slot for the rest (the unit that holds a row's partial slot; rows that are not
-//   aligned or strided): 16 bytes where that access allows, element by element where not, its
-//   adds in the 16-byte path's order, so the results do not depend on the path.
-// So when n_in is a multiple of 16 bytes and the rows are aligned, every element moves 16 bytes
-// at a time; otherwise only the partial slot and unaligned rows go element by element.
+// Rows are read in slots of kVec columns, 16 bytes (fp64: 2 doubles). A unit owns kStrip whole
+// slots of one row: unit p of the U units over a row's whole slots takes slots p, p + U, p + 2U,
+// p + 3U, so the threads of a warp (consecutive units) touch consecutive slots, 512 bytes per
+// load instruction. When the row length is not a multiple of 16 bytes, its partial last slot
+// is a unit of its own. Each unit takes one of two paths:
+// - the 16-byte path, for units of whole slots on rows whose inputs start 16-byte aligned with
+//   unit column stride (and, in the gradient epilogue, whose outputs do too): unrolled over the
+//   slots, all of an expert's loads issued before any is used, beta[o, i] read once per unit and
+//   expert. A unit with fewer than kStrip slots (the last units of a row whose slot count is not
+//   a multiple of kStrip) repeats its first slot in the spare places, writing the same values to
+//   the same place again: branches around the spare slots cost ptxas about a third more
+//   registers.
+// - slot by slot for the rest (a row's partial slot; rows that are not aligned or strided):
+//   16 bytes where that access allows, element by element where not, beta read once per slot and
+//   expert, the adds in the 16-byte path's order, so the results do not depend on the path.
+// So when the row lengths are multiples of 16 bytes and the rows aligned, every element moves 16
+// bytes at a time; otherwise only partial slots and unaligned rows go element by element.
 //
-// Work decomposition (reasoned, not yet timed): an H100 (132 SMs, ~3.35 TB/s HBM3) needs about
-// bandwidth x latency ~ 3 MB in flight, ~25 KB per SM. With kStrip = 4 slots a thread and 64
-// threads a block, a 3072 x 768 fp16 layer has 73728 units, 1152 blocks, one wave at ~9 blocks
-// an SM (register-bound, ~100 registers): ~35 KB of expert loads in flight per SM per expert.
-// A 512 x 640 layer has 160 blocks, so every SM takes part and all of its loads go out at once
-// (latency-bound: about one memory round trip per expert). Two slots a thread would spread it
-// further but double the dbeta partials (written once, read once by finish_row: ~4% of the
-// epilogue's bytes at four slots).
+// Work decomposition (reasoned from bandwidth and occupancy, not timed yet): an H100 (132 SMs,
+// ~3.35 TB/s HBM3, ~0.7-1 us loaded latency) needs ~2.5-3 MB of loads in flight, ~20-25 KB per
+// SM. With kStrip = 4 slots a thread (64 bytes an expert) and kUnitThreads = 64 a block:
+// - a 3072 x 768 fp16 layer has 73728 units, 1152 blocks: one wave of the combine (~110
+//   registers, 9 blocks an SM, two experts in flight: ~70 KB per SM), 1.1 waves of the epilogue
+//   (at most 128 registers, 8 blocks an SM: G and the first expert ~64 KB, then ~32 KB per SM).
+// - a 512 x 640 layer has 160 blocks, so every SM takes part and all of its loads go out at once:
+//   latency-bound, about one memory round trip per expert in the epilogue, one for two experts in
+//   the combine.
+// Two slots a thread would spread small layers further but double the dbeta partials (written
+// once, read once by finish_row: ~4% of the epilogue's bytes at four slots).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -50,11 +54,9 @@
 // kernel's.
 #if defined(__CUDA_ARCH__)
 #define MOS_UNROLL _Pragma("unroll")
-#define MOS_UNROLL_4 _Pragma("unroll 4")
 #define MOS_NO_UNROLL _Pragma("unroll 1")
 #else
 #define MOS_UNROLL
-#define MOS_UNROLL_4
 #define MOS_NO_UNROLL
 #endif
 
@@ -218,6 +220,18 @@ MOS_UNROLL
   MOS_COUNT(scalar, cols - k < VEC ? cols - k : VEC);
 }
 
+// The 16-byte path's stores of a row that has `cols` columns: 16 bytes at a time where the row
+// starts aligned, element by element where not (stores wait for nothing, so this costs the path
+// little, and a misaligned output does not send its units slot by slot).
+template <typename T>
+__host__ __device__ __forceinline__ void store_row(T* row, const UnitSlots& s, int64_t cols,
+                                                   const Pack<T, kVec<T>> (&values)[kStrip]) {
+  if (aligned16(row)) return store_spread(row, s, values);
+MOS_UNROLL
+  for (int j = 0; j < kStrip; ++j)
+    if (j < s.n) store_slot(row, s.column<T>(j), cols, values[j], /*aligned=*/false);
+}
+
 // Whether the unit's slots are all whole (inside the first `cols` columns).
 template <typename T>
 __host__ __device__ __forceinline__ bool whole_slots(const UnitSlots& s, int64_t cols) {
@@ -281,12 +295,27 @@ MOS_UNROLL
   return out;
 }
 
+// ------------------------------------------------------------------------------ slice units
+
+// The units over a row's first n_in columns (combine, and the slice of the gradient epilogue):
+// units over its whole slots, then, when n_in is not a multiple of kVec, one unit for the partial
+// last slot alone, so that the slot-by-slot path holds one slot there, not kStrip.
+template <typename T>
+__host__ __device__ __forceinline__ int64_t slice_units(int64_t n_in) {
+  return units_of(n_in / kVec<T>) + (n_in % kVec<T> != 0);
+}
+template <typename T>
+__host__ __device__ __forceinline__ UnitSlots slice_slots(int64_t n_in, int64_t q) {
+  const int64_t whole = n_in / kVec<T>;
+  return q < units_of(whole) ? UnitSlots(0, whole, q) : UnitSlots(whole, 1, 0);
+}
+
 // ------------------------------------------------------------------------------ combine
 
-// Units of combine_unit: units_of(slots) per row of W_a, n_out rows.
+// Units of combine_unit: slice_units per row of W_a, n_out rows.
 template <typename T>
 __host__ __device__ __forceinline__ int64_t combine_units(const Mixture& mix) {
-  return mix.n_out * units_of(slots_of<T>(mix.n_in));
+  return mix.n_out * slice_units<T>(mix.n_in);
 }
 
 // combine_unit's slot-by-slot path.
@@ -313,18 +342,19 @@ MOS_UNROLL
 
 // Unit `unit` of W_a (n_out, n_in), row o at weight + o * w_stride: the unit's slots of
 // sum_i beta[o, i] E[i, o, :], experts added in order 0..m-1; and, from each row's first unit
-// when mixed is not null, b_a[o].
+// when mixed is not null, b_a[o]. On the 16-byte path the next expert's loads go out before the
+// current one's adds (two experts in flight: one round trip for m = 2); W_a's rows that are not
+// aligned take element-by-element stores on that path.
 template <typename T>
 __host__ __device__ void combine_unit(const Mixture& mix, const Bias& bias, T* weight,
                                       int64_t w_stride, T* mixed, int64_t unit) {
   constexpr int VEC = kVec<T>;
-  const int64_t in_slots = slots_of<T>(mix.n_in), per_row = units_of(in_slots);
-  const int64_t o = unit / per_row;
+  const int64_t per_row = slice_units<T>(mix.n_in), o = unit / per_row, q = unit % per_row;
   if (o >= mix.n_out) return;
-  const UnitSlots s(0, in_slots, unit % per_row);
-  const bool bias_here = mixed != nullptr && s.p == 0;
+  const UnitSlots s = slice_slots<T>(mix.n_in, q);
+  const bool bias_here = mixed != nullptr && q == 0;
   T* w_row = weight + o * w_stride;
-  if (!(whole_slots<T>(s, mix.n_in) && experts_aligned<T>(mix, o) && aligned16(w_row))) {
+  if (!(whole_slots<T>(s, mix.n_in) && experts_aligned<T>(mix, o))) {
     MOS_COUNT(slot_units, 1);
     combine_slots<T>(mix, s, o, w_row);
     if (bias_here) mixed[o] = from_acc<T>(mixed_bias<T>(bias, mix, o));
@@ -332,31 +362,40 @@ __host__ __device__ void combine_unit(const Mixture& mix, const Bias& bias, T* w
   }
   MOS_COUNT(fast_units, 1);
   acc_t<T> sum[kStrip][VEC] = {}, bias_sum = 0;
+  Pack<T, VEC> values[kStrip], next[kStrip];
+  load_spread(expert_row<T>(mix, 0, o), s, values);
 MOS_NO_UNROLL
   for (int64_t i = 0; i < mix.m; ++i) {
+    const bool more = i + 1 < mix.m;
+    if (more) {
+      load_spread(expert_row<T>(mix, i + 1, o), s, next);
+MOS_UNROLL
+      for (int j = 0; j < kStrip; ++j) keep_packed(next[j]);
+    }
     const acc_t<T> b = beta_at<T>(mix, o, i);
-    Pack<T, VEC> values[kStrip];
-    load_spread(expert_row<T>(mix, i, o), s, values);
 MOS_UNROLL
     for (int j = 0; j < kStrip; ++j)
 MOS_UNROLL
       for (int v = 0; v < VEC; ++v) sum[j][v] += b * to_acc(values[j].v[v]);
     if (bias_here && bias.kind == BiasKind::kPerExpert) bias_sum += b * bias_at<T>(bias, i, o);
+    if (more)
+MOS_UNROLL
+      for (int j = 0; j < kStrip; ++j) values[j] = next[j];
   }
   Pack<T, VEC> out[kStrip];
 MOS_UNROLL
   for (int j = 0; j < kStrip; ++j) out[j] = pack_of<T>(sum[j]);
-  store_spread(w_row, s, out);
+  store_row(w_row, s, mix.n_in, out);
   if (bias_here)
     mixed[o] = from_acc<T>(bias.kind == BiasKind::kShared ? bias_at<T>(bias, 0, o) : bias_sum);
 }
 
 // ------------------------------------------------------------------------------ weight gradient
 
-// dbeta partials per row from expert_grad_unit: one per unit along the slice.
+// dbeta partials per row from expert_grad_unit: one per slice unit.
 template <typename T>
 __host__ __device__ __forceinline__ int64_t expert_grad_partials(const Mixture& mix) {
-  return units_of(slots_of<T>(mix.n_in));
+  return slice_units<T>(mix.n_in);
 }
 
 // Units of expert_grad_unit. Without d_experts: the slice's n_out rows, as combine_unit's. With
@@ -367,14 +406,14 @@ template <typename T>
 __host__ __device__ __forceinline__ int64_t expert_grad_units(const Mixture& mix,
                                                               bool want_experts) {
   const int64_t in_slots = slots_of<T>(mix.n_in), all_slots = slots_of<T>(mix.k_max);
-  if (!want_experts) return mix.n_out * units_of(in_slots);
-  return mix.n_out * (units_of(in_slots) + units_of(all_slots - in_slots)) +
+  if (!want_experts) return mix.n_out * slice_units<T>(mix.n_in);
+  return mix.n_out * (slice_units<T>(mix.n_in) + units_of(all_slots - in_slots)) +
          (mix.n_max - mix.n_out) * units_of(all_slots);
 }
 
 // The outputs of the weight-gradient units (any pointer may be null; weight only with WEIGHT):
-// d_experts (m, n_max, k_max) contiguous; partials[(o * units + p) * m + i] unit p's share of
-// dbeta[o, i]; W_a, row o at weight + o * w_stride.
+// d_experts (m, n_max, k_max) contiguous; partials[(o * slice_units + q) * m + i] slice unit q's
+// share of dbeta[o, i]; W_a, row o at weight + o * w_stride.
 template <typename T>
 struct GradOut {
   T* d_experts;
@@ -437,7 +476,8 @@ MOS_UNROLL
 // the next (the unit's own value), so that it adds in the 16-byte path's order.
 template <typename T, bool WEIGHT>
 __host__ __device__ void expert_grad_slots(const Matrix& product, const Mixture& mix,
-                                           const GradOut<T>& out, const UnitSlots& s, int64_t o) {
+                                           const GradOut<T>& out, acc_t<T>* part,
+                                           const UnitSlots& s, int64_t o) {
   constexpr int VEC = kVec<T>;
   const T* g_row = static_cast<const T*>(product.data) + o * product.row_stride;
   const bool g_aligned = product.col_stride == 1 && aligned16(g_row);
@@ -446,14 +486,14 @@ MOS_NO_UNROLL
   for (int j = 0; j < s.n; ++j) {
     const int64_t k = s.column<T>(j);
     Pack<T, VEC> g;
-    if (out.d_experts != nullptr || out.partials != nullptr)
+    if (out.d_experts != nullptr || part != nullptr)
       g = load_slot(g_row, k, mix.n_in, product.col_stride, g_aligned);
     [[maybe_unused]] acc_t<T> sum[VEC] = {};
 MOS_NO_UNROLL
     for (int64_t i = 0; i < mix.m; ++i) {
       const acc_t<T> b = beta_at<T>(mix, o, i);
       Pack<T, VEC> values;
-      if (out.partials != nullptr || WEIGHT) {
+      if (part != nullptr || WEIGHT) {
         const T* e = expert_row<T>(mix, i, o);
         values = load_slot(e, k, mix.n_in, mix.col_stride, mix.col_stride == 1 && aligned16(e));
       }
@@ -461,12 +501,11 @@ MOS_NO_UNROLL
         T* de = grad_row(mix, out.d_experts, i, o);
         store_slot(de, k, mix.k_max, scaled<T>(b, g, k, mix.n_in), aligned16(de));
       }
-      if (out.partials != nullptr) {
-        acc_t<T>& partial = out.partials[(o * s.units + s.p) * mix.m + i];
-        acc_t<T> part = j == 0 ? acc_t<T>(0) : partial;
+      if (part != nullptr) {
+        acc_t<T> total = j == 0 ? acc_t<T>(0) : part[i];
 MOS_UNROLL
-        for (int v = 0; v < VEC; ++v) part += to_acc(g.v[v]) * to_acc(values.v[v]);
-        partial = part;
+        for (int v = 0; v < VEC; ++v) total += to_acc(g.v[v]) * to_acc(values.v[v]);
+        part[i] = total;
       }
       if constexpr (WEIGHT) {
 MOS_UNROLL
@@ -477,28 +516,31 @@ MOS_UNROLL
   }
 }
 
-// Unit p of the slice's row o: for the unit's slots and every expert i,
-//   d_experts[i, o, k] = beta[o, i] G[o, k]                           (when d_experts is not null)
-//   partials[o, p, i]  = sum over the unit's k of G[o, k] E[i, o, k]  (when partials is not null)
+// A slice unit of row o: for the unit's slots and every expert i,
+//   d_experts[i, o, k] = beta[o, i] G[o, k]                        (when d_experts is not null)
+//   part[i]            = sum over the unit's k of G[o, k] E[i, o, k]  (when part is not null)
 // and with WEIGHT, W_a[o, k] at weight + o * w_stride + k, summed as combine_unit sums it (the
 // backward's dx needs W_a: building it here spares a second pass over the experts). Each expert
 // element and each element of G is read once.
 template <typename T, bool WEIGHT>
 __host__ __device__ void expert_grad_slice(const Matrix& product, const Mixture& mix,
-                                           const GradOut<T>& out, const UnitSlots& s, int64_t o) {
+                                           const GradOut<T>& out, acc_t<T>* part,
+                                           const UnitSlots& s, int64_t o) {
   constexpr int VEC = kVec<T>;
-  const bool want_g = out.d_experts != nullptr || out.partials != nullptr;
-  const bool want_e = out.partials != nullptr || WEIGHT;
+  const bool want_g = out.d_experts != nullptr || part != nullptr;
+  const bool want_e = part != nullptr || WEIGHT;
   const T* g_row = static_cast<const T*>(product.data) + o * product.row_stride;
   T* w_row = WEIGHT ? out.weight + o * out.w_stride : nullptr;
-  const bool fast = whole_slots<T>(s, mix.n_in) &&
-                    (!want_g || (product.col_stride == 1 && aligned16(g_row))) &&
-                    (!want_e || experts_aligned<T>(mix, o)) &&
-                    (out.d_experts == nullptr || grads_aligned(mix, out.d_experts, o)) &&
-                    (!WEIGHT || aligned16(w_row));
-  if (!fast) {
+  // Unlike combine_unit's, this path has no element-by-element stores: they would cost it more
+  // registers than ptxas's bound leaves (and its outputs' rows are misaligned where its inputs'
+  // are: d_experts has the experts' row length, W_a G's).
+  if (!(whole_slots<T>(s, mix.n_in) &&
+        (!want_g || (product.col_stride == 1 && aligned16(g_row))) &&
+        (!want_e || experts_aligned<T>(mix, o)) &&
+        (out.d_experts == nullptr || grads_aligned(mix, out.d_experts, o)) &&
+        (!WEIGHT || aligned16(w_row)))) {
     MOS_COUNT(slot_units, 1);
-    return expert_grad_slots<T, WEIGHT>(product, mix, out, s, o);
+    return expert_grad_slots<T, WEIGHT>(product, mix, out, part, s, o);
   }
   MOS_COUNT(fast_units, 1);
 
@@ -518,14 +560,14 @@ MOS_UNROLL
       for (int j = 0; j < kStrip; ++j) de[j] = scaled<T>(b, g[j], 0, VEC);
       store_spread(grad_row(mix, out.d_experts, i, o), s, de);
     }
-    if (out.partials != nullptr) {
-      acc_t<T> part = 0;
+    if (part != nullptr) {
+      acc_t<T> total = 0;
 MOS_UNROLL
       for (int j = 0; j < kStrip; ++j)
 MOS_UNROLL
         for (int v = 0; v < VEC; ++v)  // the spare places add nothing
-          part += j < s.n ? to_acc(g[j].v[v]) * to_acc(values[j].v[v]) : acc_t<T>(0);
-      out.partials[(o * s.units + s.p) * mix.m + i] = part;
+          total += j < s.n ? to_acc(g[j].v[v]) * to_acc(values[j].v[v]) : acc_t<T>(0);
+      part[i] = total;
     }
     if constexpr (WEIGHT) {
 MOS_UNROLL
@@ -547,16 +589,16 @@ template <typename T, bool WEIGHT>
 __host__ __device__ void expert_grad_unit(const Matrix& product, const Mixture& mix,
                                           const GradOut<T>& out, int64_t unit) {
   const int64_t in_slots = slots_of<T>(mix.n_in), all_slots = slots_of<T>(mix.k_max);
-  const int64_t slice_units = units_of(in_slots);
-  const int64_t active =
-      out.d_experts != nullptr ? slice_units + units_of(all_slots - in_slots) : slice_units;
+  const int64_t slice = slice_units<T>(mix.n_in);
+  const int64_t active = out.d_experts != nullptr ? slice + units_of(all_slots - in_slots) : slice;
   if (unit < mix.n_out * active) {
     const int64_t o = unit / active, q = unit % active;
-    if (q < slice_units)
-      expert_grad_slice<T, WEIGHT>(product, mix, out, UnitSlots(0, in_slots, q), o);
-    else
-      zero_unit<T>(mix, out.d_experts, UnitSlots(in_slots, all_slots - in_slots, q - slice_units),
-                   o);
+    if (q < slice) {
+      acc_t<T>* part = out.partials != nullptr ? out.partials + (o * slice + q) * mix.m : nullptr;
+      expert_grad_slice<T, WEIGHT>(product, mix, out, part, slice_slots<T>(mix.n_in, q), o);
+    } else {
+      zero_unit<T>(mix, out.d_experts, UnitSlots(in_slots, all_slots - in_slots, q - slice), o);
+    }
   } else if (out.d_experts != nullptr) {
     const int64_t rest = unit - mix.n_out * active, per_row = units_of(all_slots);
     const int64_t o = mix.n_out + rest / per_row;
@@ -647,9 +689,18 @@ constexpr int kWarp = 32;
 template <typename A>
 __host__ __device__ __forceinline__ A lane_sum(const A* values, int64_t count, int64_t stride,
                                                int lane) {
+  constexpr int kBatch = 4;  // loads in flight; past `count` they add 0 (no branches)
   A total = 0;
-MOS_UNROLL_4
-  for (int64_t q = lane; q < count; q += kWarp) total += values[q * stride];
+  for (int64_t q = lane; q < count; q += kBatch * kWarp) {
+    A batch[kBatch];
+MOS_UNROLL
+    for (int r = 0; r < kBatch; ++r) {
+      const int64_t at = q + r * kWarp;
+      batch[r] = at < count ? values[at * stride] : A(0);
+    }
+MOS_UNROLL
+    for (int r = 0; r < kBatch; ++r) total += batch[r];
+  }
   return total;
 }
 
