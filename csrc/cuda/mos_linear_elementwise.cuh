@@ -456,7 +456,8 @@ MOS_NO_UNROLL
       store_spread(de, s, zeros);
     } else {
 MOS_NO_UNROLL
-      for (int j = 0; j < s.n; ++j) store_slot(de, s.column<T>(j), mix.k_max, zeros[0], aligned16(de));
+      for (int j = 0; j < s.n; ++j)
+        store_slot(de, s.column<T>(j), mix.k_max, zeros[0], aligned16(de));
     }
   }
 }
