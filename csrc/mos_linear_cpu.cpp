@@ -8,10 +8,13 @@
 //             gradients are bit-identical from run to run.
 //
 // beta arrives as (n_out, m) with any strides (layer-wise MoS passes a row stride of 0).
+// The module's Python bindings are in csrc/mos_linear_autograd.cpp.
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+
+#include "mos_dot.h"
 
 #include <algorithm>
 #include <array>
@@ -26,21 +29,6 @@ namespace mos {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kLanes = 8;  // independent partial sums: lets the compiler vectorise dot()
-
-template <typename acc_t, typename scalar_t>
-__attribute__((target_clones("avx2,fma", "default")))
-acc_t dot(const acc_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += a[k + j] * static_cast<acc_t>(b[k + j]);
-  acc_t total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  for (; k < n; ++k) total += a[k] * static_cast<acc_t>(b[k]);
-  return total;
-}
 
 // out[k] = scale * g[k] for k < n, then zeros up to `width`.
 template <typename acc_t, typename scalar_t>
@@ -104,7 +92,9 @@ Dims check(const Tensor& x, const Tensor& experts, const Tensor& beta,
 // strides and conversions.
 template <typename scalar_t>
 Tensor beta_as_acc(const Tensor& beta) {
-  return beta.to(c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value).contiguous();
+  const auto acc_type = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
+  if (beta.scalar_type() == acc_type && beta.is_contiguous()) return beta;  // no op call
+  return beta.to(acc_type).contiguous();
 }
 
 // One row of W_a: w[k] = sum_i b[i] * e[i * expert_stride + k]. Chunks of kChunk columns are
@@ -174,8 +164,16 @@ std::pair<Tensor, Tensor> combine(const Tensor& experts_in, const Tensor& beta,
   return {weight, mixed_bias};
 }
 
+// One strategy here: combine-then-GEMM ("auto" means it too).
+void check_strategy(c10::string_view strategy) {
+  TORCH_CHECK_VALUE(strategy == "auto" || strategy == "combine",
+                    "mos_linear (cpu): strategy must be 'auto' or 'combine', got '", strategy,
+                    "'");
+}
+
 Tensor forward_cpu(const Tensor& x, const Tensor& experts, const Tensor& beta,
-                   const c10::optional<Tensor>& bias) {
+                   const c10::optional<Tensor>& bias, c10::string_view strategy) {
+  check_strategy(strategy);
   const Dims d = check(x, experts, beta, bias);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mos_forward", [&] {
     auto [weight, mixed_bias] = combine<scalar_t>(experts, beta, bias, d);
@@ -198,7 +196,7 @@ void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const
   scalar_t* W = weight.defined() ? weight.mutable_data_ptr<scalar_t>() : nullptr;
   const bool expert_bias = bias.has_value() && bias->dim() == 2;
   const acc_t* G = grad_rows.defined() ? grad_rows.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* S = row_sums.const_data_ptr<acc_t>();
+  const acc_t* S = row_sums.defined() ? row_sums.const_data_ptr<acc_t>() : nullptr;
   const acc_t* B = beta_acc.const_data_ptr<acc_t>();
   const scalar_t* E = experts.const_data_ptr<scalar_t>();
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
@@ -221,7 +219,7 @@ void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const
         if (want_bias && expert_bias)
           dBias[i * n_max + o] = active ? static_cast<scalar_t>(B[o * m + i] * S[o]) : scalar_t(0);
         if (want_beta && active) {
-          acc_t total = dot(G + o * K, E + i * s0 + o * s1, K);
+          acc_t total = dot<acc_t>(G + o * K, E + i * s0 + o * s1, K);
           if (Bias != nullptr && expert_bias) total += S[o] * static_cast<acc_t>(Bias[i * n_max + o]);
           dBeta[o * m + i] = total;
         }
@@ -231,7 +229,7 @@ void weight_grad_epilogue(const Tensor& grad_rows, const Tensor& row_sums, const
   });
 }
 
-// dE, dbeta and dbias (distinct empty tensors where not wanted) from G (grad_rows) and the column
+// dE, dbeta and dbias (undefined where not wanted) from G (grad_rows) and the column
 // sums of dy (row_sums), both in the accumulation type: the part of the backward that
 // backward_cpu and combine_backward_cpu share. A defined `weight` (n_out, n_in) receives W_a.
 template <typename scalar_t>
@@ -249,23 +247,22 @@ std::tuple<Tensor, Tensor, Tensor> weight_side_grads(const Tensor& grad_rows,
   Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
   weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_as_acc<scalar_t>(beta), bias,
                                  d, e_out, beta_out, bias_out, weight);
-  return {want_e ? e_out : experts.new_empty({0}),
-          want_beta ? beta_out.to(beta.scalar_type()) : experts.new_empty({0}),
-          want_bias ? bias_out : experts.new_empty({0})};
+  return {e_out, want_beta ? beta_out.to(beta.scalar_type()) : beta_out, bias_out};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& x,
                                                         const Tensor& experts_in, const Tensor& beta,
                                                         const c10::optional<Tensor>& bias,
-                                                        std::array<bool, 4> needs) {
+                                                        std::array<bool, 4> needs,
+                                                        c10::string_view strategy) {
+  check_strategy(strategy);
   const Dims d = check(x, experts_in, beta, bias);
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == d.tokens && dy.size(1) == d.n_out,
               "mos_linear backward: dy must be (", d.tokens, ", ", d.n_out, "), got ", dy.sizes());
   const bool want_bias = needs[3] && bias.has_value();
   const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
-  // Gradients not asked for come back as distinct empty tensors (outputs of an op may not alias).
-  Tensor d_x = x.new_empty({0}), d_experts = x.new_empty({0}), d_beta = x.new_empty({0}),
-         d_bias = x.new_empty({0});
+  // Gradients not asked for come back undefined (None in Python).
+  Tensor d_x, d_experts, d_beta, d_bias;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mos_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -274,7 +271,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
       if (needs[0]) d_x = at::mm(dy, combine<scalar_t>(experts, beta, c10::nullopt, d).first);
       return;
     }
-    const Tensor row_sums = dy.sum(0, /*keepdim=*/false, acc_type).contiguous();
+    // The column sums of dy: read for the bias gradient, and for dbeta with a per-expert bias.
+    const bool expert_bias = bias.has_value() && bias->dim() == 2;
+    const Tensor row_sums = want_bias || (needs[2] && expert_bias)
+                                ? dy.sum(0, /*keepdim=*/false, acc_type).contiguous()
+                                : Tensor();
     Tensor grad_rows;  // G = dy^T x in the accumulation type, (n_out, n_in)
     if (needs[1] || needs[2]) {
       grad_rows = std::is_same_v<scalar_t, acc_t> ? at::mm(dy.t(), x)
@@ -327,15 +328,13 @@ std::tuple<Tensor, Tensor, Tensor> combine_backward_cpu(const Tensor& d_weight,
               ",)");
   const bool want_bias = needs[2] && expert_bias;
   const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
-  Tensor d_experts = experts.new_empty({0}), d_beta = experts.new_empty({0}),
-         d_bias = experts.new_empty({0});
+  Tensor d_experts, d_beta, d_bias;  // undefined (None in Python) where not wanted
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, experts.scalar_type(),
                                   "mos_combine_backward", [&] {
     const auto acc_type = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
     if (!(needs[0] || needs[1] || want_bias)) return;
     const Tensor grad_rows = d_weight.to(acc_type).contiguous();
-    const Tensor row_sums =
-        expert_bias ? d_mixed_bias->to(acc_type).contiguous() : grad_rows.new_empty({0});
+    const Tensor row_sums = expert_bias ? d_mixed_bias->to(acc_type).contiguous() : Tensor();
     std::tie(d_experts, d_beta, d_bias) = weight_side_grads<scalar_t>(
         grad_rows, row_sums, experts, beta, expert_bias ? bias : c10::nullopt, d, needs[0],
         needs[1], want_bias);
@@ -346,9 +345,12 @@ std::tuple<Tensor, Tensor, Tensor> combine_backward_cpu(const Tensor& d_weight,
 }  // namespace
 
 TORCH_LIBRARY(mos_kernels_ext, m) {
-  m.def("forward(Tensor x, Tensor experts, Tensor beta, Tensor? bias) -> Tensor");
-  m.def("backward(Tensor dy, Tensor x, Tensor experts, Tensor beta, Tensor? bias, bool[4] needs)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  // strategy: "auto", "one_pass" or "combine" (what each device's kernels take is theirs to
+  // check). Gradients not asked for in `needs` come back undefined (None in Python).
+  m.def("forward(Tensor x, Tensor experts, Tensor beta, Tensor? bias, str strategy='auto') "
+        "-> Tensor");
+  m.def("backward(Tensor dy, Tensor x, Tensor experts, Tensor beta, Tensor? bias, bool[4] needs, "
+        "str strategy='auto') -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("combine(Tensor experts, Tensor beta, Tensor? bias, int n_in) -> (Tensor, Tensor)");
   m.def("combine_backward(Tensor d_weight, Tensor? d_mixed_bias, Tensor experts, Tensor beta, "
         "Tensor? bias, bool[3] needs) -> (Tensor, Tensor, Tensor)");
@@ -362,11 +364,3 @@ TORCH_LIBRARY_IMPL(mos_kernels_ext, CPU, m) {
 }
 
 }  // namespace mos
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-#ifdef MOS_WITH_CUDA
-  module.attr("with_cuda") = true;
-#else
-  module.attr("with_cuda") = false;
-#endif
-}

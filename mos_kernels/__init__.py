@@ -1,7 +1,9 @@
 """Fused kernels for Mixture-of-Supernets linear layers."""
 from . import reference
 from .module import MoSLinear
-from .ops import available_backends, mos_linear, resolve_backend
+from .ops import (BACKENDS, STRATEGIES, available_backends, backend_strategies, mos_linear, plan,
+                  resolve_backend, resolve_strategy)
 
-__all__ = ["MoSLinear", "available_backends", "mos_linear", "reference", "resolve_backend"]
+__all__ = ["BACKENDS", "MoSLinear", "STRATEGIES", "available_backends", "backend_strategies",
+           "mos_linear", "plan", "reference", "resolve_backend", "resolve_strategy"]
 __version__ = "0.1.0"

@@ -7,7 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import mos_linear
+from .ops import _C, _NATIVE, _any_autocast, _route, mos_linear
+
+# nn.Module's global hooks (dictionaries, changed in place when hooks are registered).
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, f"_global{name}") for name in (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
 @torch.no_grad()
@@ -33,13 +37,19 @@ class MoSLinear(nn.Module):
 
     In eval mode with gradients off, the collapsed weight and bias are computed once per
     architecture and parameter state and reused by plain F.linear. ``save_mixed_weight`` trades
-    memory for time in training (see mos_kernels.mos_linear).
+    memory for time in training (see mos_kernels.mos_linear). ``backend`` and ``strategy`` go to
+    mos_linear as they are; both are plain attributes that may be reassigned.
+
+    With the cpu or cuda backend (eager, no autocast, save_mixed_weight off, the router the stock
+    Linear, ReLU, Linear without hooks), the router and the op run as one autograd node whose
+    backward runs in C++ (``mos_kernels_ext::routed_linear``): the same kernels and the same
+    router arithmetic, a fraction of the host time of the router's own autograd nodes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  num_experts: int = 2, granularity: str = "neuron", arch_dim: int = 10,
-                 router_hidden: int = 128, backend: str = "auto", save_mixed_weight: bool = False,
-                 device=None, dtype=None):
+                 router_hidden: int = 128, backend: str = "auto", strategy: str = "auto",
+                 save_mixed_weight: bool = False, device=None, dtype=None):
         super().__init__()
         if granularity not in ("neuron", "layer"):
             raise ValueError(f"MoSLinear: granularity must be 'neuron' or 'layer', "
@@ -52,7 +62,8 @@ class MoSLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.num_experts, self.granularity, self.arch_dim = num_experts, granularity, arch_dim
-        self.backend, self.save_mixed_weight = backend, save_mixed_weight
+        self.backend, self.strategy = backend, strategy
+        self.save_mixed_weight = save_mixed_weight
         self.experts = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.bias = (nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias
                      else None)
@@ -124,9 +135,41 @@ class MoSLinear(nn.Module):
         if not self.training and not torch.is_grad_enabled():
             weight, bias = self._cached_weights()
             return F.linear(x, weight, bias)
+        fused = self._one_node_args(x)
+        if fused is not None:
+            try:
+                return _C.routed_linear(*fused)
+            except Exception:  # noqa: BLE001  the path below raises the contract's error, if any
+                pass
         return mos_linear(x, self.experts, self.router_scores(), self.bias,
                           out_features=self.active_out, backend=self.backend,
-                          save_mixed_weight=self.save_mixed_weight)
+                          strategy=self.strategy, save_mixed_weight=self.save_mixed_weight)
+
+    def _one_node_args(self, x: Tensor):
+        """The arguments of _C.routed_linear when this call can take the one-node path (see the
+        class docstring), else None. Host time is the point: the module's private dictionaries
+        are read directly (nn.Module.__getattr__ costs about 1 us per attribute), and the hook
+        checks are those nn.Module.__call__ would make for the router's modules."""
+        if (_route(self.backend, self.strategy, x.device) not in _NATIVE
+                or self.save_mixed_weight or torch.compiler.is_compiling() or _any_autocast()
+                or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3]):
+            return None
+        router, arch = self._modules["router"], self._buffers["arch"]
+        if type(router) is not nn.Sequential or len(router._modules) != 3 or arch.requires_grad:
+            return None
+        first, act, second = router._modules.values()
+        if type(first) is not nn.Linear or type(act) is not nn.ReLU or type(second) is not nn.Linear:
+            return None
+        for module in (router, first, act, second):
+            if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks):
+                return None
+        params, w1, w2 = self._parameters, first._parameters, second._parameters
+        if params.get("experts") is None:
+            return None
+        return (x, params["experts"], params.get("bias"), arch, w1["weight"], w1["bias"],
+                w2["weight"], w2["bias"], self.active_out, self.granularity == "layer",
+                self.strategy)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -138,4 +181,5 @@ class MoSLinear(nn.Module):
                 f"bias={self.bias is not None}, num_experts={self.num_experts}, "
                 f"granularity={self.granularity!r}, active=({self.active_in}, {self.active_out}), "
                 f"backend={self.backend!r}"
+                + (f", strategy={self.strategy!r}" if self.strategy != "auto" else "")
                 + (", save_mixed_weight=True" if self.save_mixed_weight else ""))

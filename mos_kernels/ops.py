@@ -1,12 +1,16 @@
-"""The public op: argument checks, backend choice, and the torch.library registration.
+"""The public op: argument checks, backend and strategy choice, and the torch.library registration.
 
 ``mos_kernels::mos_linear`` and ``mos_kernels::mos_linear_backward`` are custom ops with fake
 kernels and an autograd formula, so torch.compile(fullgraph=True) sees one opaque node per call.
-Their ``backend`` argument names the fused implementation (cpu, triton or cuda) that runs them.
+Their ``backend`` argument names the fused implementation (cpu, triton or cuda) that runs them,
+their ``strategy`` argument the form it runs ("auto" is resolved by the backend, per call, from the
+shapes and dtype it sees: the rule is resolve_strategy's).
 
-Eager calls take a torch.autograd.Function that calls the same backend functions: the custom op's
-Python dispatch costs about 100 us of host time per forward with autograd on (measured on the
-2-core CPU machine), several times the GPU time of a layer at small token counts.
+Eager calls skip the custom op's Python dispatch (about 100 us of host time per forward with
+autograd on, measured on the 2-core CPU machine, several times the GPU time of a layer at small
+token counts). For the cpu and cuda backends they call the extension's C++ autograd node
+(``_C.linear``, csrc/mos_linear_autograd.cpp): the checks, the reshapes and the backward run in
+C++. For triton, a torch.autograd.Function calls the same backend functions as the custom op.
 """
 from typing import List, Optional, Tuple
 
@@ -17,7 +21,24 @@ from torch import Tensor
 from . import backends, reference
 from ._contract import check_inputs
 
+try:
+    from . import _C  # the C++ extension: its eager autograd nodes (csrc/mos_linear_autograd.cpp)
+except ImportError:  # not built: only the reference (and triton) backends run
+    _C = None
+
+BACKENDS = ("auto", "reference") + backends.FUSED
+STRATEGIES = ("auto", "one_pass", "combine")
+# What each backend accepts; "auto" is resolved per call (resolve_strategy).
+_BACKEND_STRATEGIES = {"reference": ("auto",), "cpu": ("auto", "combine"),
+                       "triton": STRATEGIES, "cuda": STRATEGIES}
+# Backends whose eager calls take the extension's C++ autograd nodes.
+_NATIVE = ("cpu", "cuda")
+
 _resolved = {}
+_routes = {}
+# torch._C._is_any_autocast_enabled: one cheap call for "is autocast on for any device"; older
+# torch has no such function, then the per-device check always runs.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _reason(name: str, device: torch.device) -> Optional[str]:
@@ -60,10 +81,71 @@ def resolve_backend(backend: str = "auto", device="cpu") -> str:
             name = next((n for n in _auto_order(device) if _reason(n, device) is None),
                         "reference")
         else:
-            raise ValueError(f"mos_linear: backend must be one of "
-                             f"{('auto', 'reference') + backends.FUSED}, got {backend!r}")
+            raise ValueError(f"mos_linear: backend must be one of {BACKENDS}, got {backend!r}")
         _resolved[key] = name
     return _resolved[key]
+
+
+def backend_strategies(backend: str = "auto", device="cpu") -> Tuple[str, ...]:
+    """The values of ``strategy`` that ``backend`` (resolved for ``device``) takes, "auto" first:
+    reference ("auto",); cpu ("auto", "combine"); triton and cuda all of STRATEGIES."""
+    return _BACKEND_STRATEGIES[resolve_backend(backend, device)]
+
+
+@torch.compiler.assume_constant_result
+def _route(backend: str, strategy: str, device) -> str:
+    """resolve_backend, and a ValueError unless the backend takes ``strategy``: once per
+    (backend, strategy, device), then a dictionary lookup."""
+    key = (backend, strategy, device)
+    name = _routes.get(key)
+    if name is None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"mos_linear: strategy must be one of {STRATEGIES}, got {strategy!r}")
+        name = resolve_backend(backend, device)
+        allowed = _BACKEND_STRATEGIES[name]
+        if strategy not in allowed:
+            raise ValueError(f"mos_linear: strategy {strategy!r} is not available on the {name!r} "
+                             f"backend; there strategy must be one of {allowed}")
+        _routes[key] = name
+    return name
+
+
+def resolve_strategy(strategy: str = "auto", backend: str = "auto", tokens: int = 1,
+                     n_out: int = 1, n_in: int = 1, num_experts: int = 2,
+                     dtype: torch.dtype = torch.float32, device="cpu") -> str:
+    """The strategy that ``mos_linear(..., backend=backend, strategy=strategy)`` runs for
+    ``tokens`` rows of x (all leading dimensions together), an active slice of n_out x n_in and
+    ``num_experts`` experts in ``dtype`` on ``device``: "one_pass" or "combine".
+
+    A named strategy runs as asked, where the backend takes it (otherwise ValueError naming the
+    allowed values). "auto":
+      reference  "combine": the naive loop builds W_a, then F.linear (only "auto" is accepted);
+      cpu        "combine" always (the only form the C++ kernels have);
+      cuda       "combine" (combine, then cuBLAS): faster than the one-pass WMMA kernels at every
+                 shape and token count measured on an H100 (benchmarks/roofline.py --measure);
+      triton     triton_backend.choose_strategy: "combine" from COMBINE_MIN_TOKENS (16384) tokens
+                 on, and always for exact fp32 (TF32 not allowed) and fp64; "one_pass" below.
+    """
+    name = _route(backend, strategy, torch.device(device))
+    if strategy != "auto":
+        return strategy
+    if name == "triton":
+        return backends.load("triton").choose_strategy(tokens, n_out, n_in, num_experts, dtype)
+    return "combine"
+
+
+def plan(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] = None, *,
+         out_features: Optional[int] = None, backend: str = "auto", strategy: str = "auto",
+         save_mixed_weight: bool = False) -> Tuple[str, str]:
+    """(backend, strategy) that ``mos_linear`` runs for these arguments, e.g. ("cpu",
+    "combine"). save_mixed_weight=True always combines (W_a is built once and kept)."""
+    dims = check_inputs(x, experts, beta, bias, out_features)
+    name = _route(backend, strategy, x.device)
+    if save_mixed_weight:
+        return name, "combine"
+    tokens = x.numel() // dims.n_in
+    return name, resolve_strategy(strategy, name, tokens, dims.n_out, dims.n_in,
+                                  dims.num_experts, x.dtype, x.device)
 
 
 def available_backends(device="cpu") -> List[str]:
@@ -73,7 +155,7 @@ def available_backends(device="cpu") -> List[str]:
 
 
 def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] = None, *,
-               out_features: Optional[int] = None, backend: str = "auto",
+               out_features: Optional[int] = None, backend: str = "auto", strategy: str = "auto",
                save_mixed_weight: bool = False) -> Tensor:
     """y = x @ W_a^T + b_a with W_a = sum_i diag(beta[:, i]) experts[i, :n_out, :n_in].
 
@@ -83,27 +165,39 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
     Returns (..., n_out). Differentiable in x, experts, beta and bias. Under torch.autocast it
     computes in the autocast dtype, as F.linear does.
 
+    backend: one of BACKENDS ("auto" picks per device, see resolve_backend). strategy: one of
+    STRATEGIES: "one_pass" (the mix happens inside the GEMM's weight-tile load, W_a never
+    stored), "combine" (W_a built once, then the vendor GEMM) or "auto" (per shape, dtype and
+    device: the rule is resolve_strategy's). ``plan(...)`` says which (backend, strategy) a
+    call runs.
+
     save_mixed_weight: build W_a (and b_a) once in the forward, run F.linear on it and keep it
     for the backward, instead of combining W_a again there, for n_out * n_in more memory held
-    by the autograd graph until the backward. The cpu backend and the combine-then-GEMM
-    strategies of cuda and triton rebuild W_a inside the gradient epilogue's pass over the
-    expert rows, so there it saves little; the one-pass kernels (triton's, and cuda's fused
-    strategy) recombine W_a tile by tile for dx, and there it saves more.
+    by the autograd graph until the backward. The cpu backend and the combine strategy of cuda
+    and triton rebuild W_a inside the gradient epilogue's pass over the expert rows, so there it
+    saves little; the one-pass kernels recombine W_a tile by tile for dx, and there it saves
+    more. It always combines: ``strategy`` is checked but has no other effect.
     """
-    if (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
-            and torch.is_autocast_enabled(x.device.type)):
+    if _any_autocast() and isinstance(x, Tensor) and _autocast_dtype(x) is not None:
         # Like F.linear under autocast: floating inputs other than float64 go in the autocast
         # dtype (autograd casts their gradients back), and the op runs with autocast off.
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = _autocast_dtype(x)
         x, experts, beta, bias = (
             t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
             and t.dtype != torch.float64 else t for t in (x, experts, beta, bias))
         with torch.autocast(device_type, enabled=False):
             return mos_linear(x, experts, beta, bias, out_features=out_features, backend=backend,
-                              save_mixed_weight=save_mixed_weight)
+                              strategy=strategy, save_mixed_weight=save_mixed_weight)
+    if not isinstance(x, Tensor):
+        check_inputs(x, experts, beta, bias, out_features)  # raises: x must be a tensor
+    name = _route(backend, strategy, x.device)
+    if name in _NATIVE and not save_mixed_weight and not torch.compiler.is_compiling():
+        try:
+            return _C.linear(x, experts, beta, bias, out_features, strategy)
+        except Exception:  # noqa: BLE001  the path below raises the contract's error, if any
+            pass
     dims = check_inputs(x, experts, beta, bias, out_features)
-    name = resolve_backend(backend, x.device)
     if name == "reference":  # builds W_a and keeps it for the backward anyway
         return reference.mos_linear(x, experts, beta, bias, out_features=out_features)
     beta_rows = beta.expand(dims.n_out, dims.num_experts)  # layer-wise: row stride 0, no copy
@@ -111,19 +205,28 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
         return F.linear(x, *_mixed_weights(experts, beta_rows, bias, dims.n_in, name))
     x2d = x if x.dim() == 2 else x.reshape(-1, dims.n_in)  # (a reshape costs ~1 us of host time)
     if torch.compiler.is_compiling():
-        y = torch.ops.mos_kernels.mos_linear(x2d, experts, beta_rows, bias, name)
+        y = torch.ops.mos_kernels.mos_linear(x2d, experts, beta_rows, bias, name, strategy)
     else:
-        y = _EagerMoSLinear.apply(x2d, experts, beta_rows, bias, name)
+        y = _EagerMoSLinear.apply(x2d, experts, beta_rows, bias, name, strategy)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], dims.n_out)
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for x's device type where autocast is on there, else None."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 class _EagerMoSLinear(torch.autograd.Function):
-    """The custom op's eager twin: the same backend calls, without the op's dispatch cost."""
+    """The custom op's eager twin (for triton): the same backend calls, without the op's
+    dispatch cost."""
 
     @staticmethod
-    def forward(ctx, x, experts, beta, bias, backend):
-        _setup_context(ctx, (x, experts, beta, bias, backend), None)
-        return backends.load(backend).forward(x, experts, beta, bias)
+    def forward(ctx, x, experts, beta, bias, backend, strategy):
+        _setup_context(ctx, (x, experts, beta, bias, backend, strategy), None)
+        return backends.load(backend).forward(x, experts, beta, bias, strategy)
 
     @staticmethod
     def backward(ctx, dy):
@@ -132,46 +235,49 @@ class _EagerMoSLinear(torch.autograd.Function):
 
 @torch.library.custom_op("mos_kernels::mos_linear", mutates_args=())
 def _mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor],
-                backend: str) -> Tensor:
-    return backends.load(backend).forward(x, experts, beta, bias)
+                backend: str, strategy: str = "auto") -> Tensor:
+    return backends.load(backend).forward(x, experts, beta, bias, strategy)
 
 
 @_mos_linear.register_fake
-def _(x, experts, beta, bias, backend):
+def _(x, experts, beta, bias, backend, strategy="auto"):
     return x.new_empty(x.shape[0], beta.shape[0])
 
 
 @torch.library.custom_op("mos_kernels::mos_linear_backward", mutates_args=())
 def _mos_linear_backward(dy: Tensor, x: Tensor, experts: Tensor, beta: Tensor,
-                         bias: Optional[Tensor], backend: str,
+                         bias: Optional[Tensor], backend: str, strategy: str,
                          needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(backends.load(backend).backward(dy, x, experts, beta, bias, needs))
+    grads = backends.load(backend).backward(dy, x, experts, beta, bias, needs, strategy)
+    # A custom op returns tensors: empty ones (distinct: outputs may not alias) for the
+    # gradients not asked for, which the backends leave as None.
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
 @_mos_linear_backward.register_fake
-def _(dy, x, experts, beta, bias, backend, needs):
+def _(dy, x, experts, beta, bias, backend, strategy, needs):
     like = (x, experts, beta, bias)
     return tuple(t.new_empty(t.shape) if need else dy.new_empty(0) for t, need in zip(like, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    x, experts, beta, bias, backend = inputs
+    x, experts, beta, bias, backend, strategy = inputs
     ctx.save_for_backward(x, experts, beta, bias)
-    ctx.backend = backend
+    ctx.backend, ctx.strategy = backend, strategy
 
 
 def _gradients(ctx, dy, backward):
     x, experts, beta, bias = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     needs[3] = needs[3] and bias is not None
-    grads = backward(dy, x, experts, beta, bias, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,)
+    grads = backward(dy, x, experts, beta, bias, needs, ctx.strategy)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
 
 
 def _backward(ctx, dy):
-    def op(dy, x, experts, beta, bias, needs):
+    def op(dy, x, experts, beta, bias, needs, strategy):
         return torch.ops.mos_kernels.mos_linear_backward(dy, x, experts, beta, bias, ctx.backend,
-                                                         needs)
+                                                         strategy, needs)
     return _gradients(ctx, dy, op)
 
 
@@ -225,8 +331,9 @@ def _(experts, beta, bias, n_in, backend):
 def _mos_combine_backward(d_weight: Tensor, d_mixed_bias: Optional[Tensor], experts: Tensor,
                           beta: Tensor, bias: Optional[Tensor], backend: str,
                           needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(backends.load(backend).combine_backward(d_weight, d_mixed_bias, experts, beta,
-                                                         bias, needs))
+    grads = backends.load(backend).combine_backward(d_weight, d_mixed_bias, experts, beta, bias,
+                                                    needs)
+    return tuple(experts.new_empty(0) if g is None else g for g in grads)
 
 
 @_mos_combine_backward.register_fake

@@ -1,6 +1,7 @@
 """CUDA-only checks of the "cuda" backend beyond tests/test_ops.py (which already runs it against
 the float64 reference on every shape and configuration when a GPU is present): both strategies
-of the binding, strided and misaligned inputs, empty token sets, float64 gradcheck, errors."""
+of the binding (the strategy argument), strided and misaligned inputs, empty token sets, float64
+gradcheck, errors."""
 import itertools
 
 import pytest
@@ -19,7 +20,7 @@ elif "cuda" not in mos_kernels.available_backends("cuda"):
 pytestmark = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-STRATEGIES = ["fused", "gemm"]
+STRATEGIES = ["one_pass", "combine"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,32 +30,29 @@ def _bf16_needs_sm80(request):
         pytest.skip("bfloat16 needs sm_80 or newer")
 
 
-# tests/test_ops.py runs the default strategy (gemm) on every shape and configuration; the same
-# for the fused kernels:
+# tests/test_ops.py runs the default strategy (combine) on every shape and configuration; the
+# same for the one-pass kernels:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, config", list(itertools.product(SHAPES, CONFIGS)))
-def test_fused_strategy_matches_reference(monkeypatch, shape, config, dtype):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", "fused")
-    check_backend("cuda", shape, config, dtype)
+def test_one_pass_strategy_matches_reference(shape, config, dtype):
+    check_backend("cuda", shape, config, dtype, strategy="one_pass")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(300, 256, 384, 264, 392), (1000, 40, 136, 48, 200),
                                    (129, 129, 129, 129, 129), (64, 1100, 72, 1104, 80)])
-def test_several_tiles_every_way(monkeypatch, strategy, dtype, shape):
+def test_several_tiles_every_way(strategy, dtype, shape):
     # More than one tile along tokens, n_in and n_out, with 16-byte loads and with ragged edges;
     # n_in = 1100 lets whole elementwise units (csrc/cuda/mos_linear_elementwise.cuh) take their
     # 16-byte path, which needs rows of at least 776 half-precision columns.
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
-    check_backend("cuda", shape, (6, "neuron", "expert"), dtype)
-    check_backend("cuda", shape, (2, "layer", "shared"), dtype)
+    check_backend("cuda", shape, (6, "neuron", "expert"), dtype, strategy=strategy)
+    check_backend("cuda", shape, (2, "layer", "shared"), dtype, strategy=strategy)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_strided_and_misaligned_inputs(monkeypatch, strategy, dtype):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
+def test_strided_and_misaligned_inputs(strategy, dtype):
     tokens, n_in, n_out, k_max, n_max, m = 70, 40, 33, 48, 40, 3
     x, experts, beta, bias = make_inputs(tokens, n_in, n_out, k_max, n_max, m, False, "expert",
                                          dtype)
@@ -75,7 +73,8 @@ def test_strided_and_misaligned_inputs(monkeypatch, strategy, dtype):
     for name, make in variants.items():
         tensors = list(make())
         fused = lambda *a, out_features: mos_kernels.mos_linear(*a, out_features=out_features,
-                                                                backend="cuda")
+                                                                backend="cuda",
+                                                                strategy=strategy)
         y, grads, dy = run(fused, tensors, n_out)
         y_ref, grads_ref = reference64(tensors, n_out, dy)
         assert_close(y, y_ref, dtype, f"{name} output")
@@ -86,12 +85,11 @@ def test_strided_and_misaligned_inputs(monkeypatch, strategy, dtype):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("bias_kind", ["none", "shared", "expert"])
-def test_no_tokens(monkeypatch, strategy, bias_kind):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
+def test_no_tokens(strategy, bias_kind):
     x, experts, beta, *bias = make_inputs(5, 6, 4, 8, 5, 2, False, bias_kind, torch.float32)
     x = x.detach()[:0].requires_grad_(True)
     bias = bias[0] if bias else None
-    y = mos_kernels.mos_linear(x, experts, beta, bias, backend="cuda")
+    y = mos_kernels.mos_linear(x, experts, beta, bias, backend="cuda", strategy=strategy)
     assert y.shape == (0, 4)
     y.sum().backward()
     assert x.grad.shape == (0, 6)
@@ -103,21 +101,19 @@ def test_no_tokens(monkeypatch, strategy, bias_kind):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("granularity, bias_kind", [("neuron", "expert"), ("layer", "shared"),
                                                     ("neuron", "none")])
-def test_gradcheck_float64(monkeypatch, strategy, granularity, bias_kind):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
+def test_gradcheck_float64(strategy, granularity, bias_kind):
     tensors = make_inputs(5, 6, 4, 7, 5, 3, granularity == "layer", bias_kind, torch.float64)
     fn = lambda *a: mos_kernels.mos_linear(*a[:3], a[3] if len(a) > 3 else None, out_features=4,
-                                           backend="cuda")
+                                           backend="cuda", strategy=strategy)
     assert torch.autograd.gradcheck(fn, tensors)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_weight_gradients_are_bit_identical(monkeypatch, strategy, dtype):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
+def test_weight_gradients_are_bit_identical(strategy, dtype):
     tensors = make_inputs(2000, 300, 200, 320, 256, 6, False, "expert", dtype)
     fused = lambda *a, out_features: mos_kernels.mos_linear(*a, out_features=out_features,
-                                                            backend="cuda")
+                                                            backend="cuda", strategy=strategy)
     _, first, dy = run(fused, tensors, 200)
     for _ in range(3):
         _, again, _ = run(fused, tensors, 200, dy)
@@ -126,20 +122,20 @@ def test_weight_gradients_are_bit_identical(monkeypatch, strategy, dtype):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_only_some_gradients(monkeypatch, strategy):
+def test_only_some_gradients(strategy):
     # Each subset of (dx, dexperts, dbeta, dbias) on its own, straight through the extension op.
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", strategy)
     x, experts, beta, bias = [t.detach() for t in make_inputs(40, 24, 20, 32, 24, 3, False,
                                                               "expert", torch.float32)]
     dy = torch.randn(40, 20, device=x.device)
-    full = torch.ops.mos_kernels_ext.backward(dy, x, experts, beta, bias, [True] * 4)
+    op = torch.ops.mos_kernels_ext.backward
+    full = op(dy, x, experts, beta, bias, [True] * 4, strategy)
     for needs in itertools.product([False, True], repeat=4):
-        grads = torch.ops.mos_kernels_ext.backward(dy, x, experts, beta, bias, list(needs))
+        grads = op(dy, x, experts, beta, bias, list(needs), strategy)
         for need, g, g_full in zip(needs, grads, full):
             if need:
                 torch.testing.assert_close(g, g_full)
             else:
-                assert g.numel() == 0
+                assert g is None
 
 
 def test_bad_input_raises_clear_errors():
@@ -162,9 +158,10 @@ def test_bad_input_raises_clear_errors():
         op.forward(x.int(), experts.int(), beta.int(), None)
 
 
-def test_unknown_strategy_is_named(monkeypatch):
-    monkeypatch.setenv("MOS_CUDA_STRATEGY", "fastest")
+def test_unknown_strategy_is_named():
     x, experts, beta = [t.detach() for t in make_inputs(4, 6, 5, 8, 7, 2, False, "none",
                                                         torch.float32)]
-    with pytest.raises(RuntimeError, match="MOS_CUDA_STRATEGY must be 'gemm' or 'fused'"):
-        torch.ops.mos_kernels_ext.forward(x, experts, beta, None)
+    with pytest.raises(ValueError, match="strategy must be 'auto', 'one_pass' or 'combine'"):
+        torch.ops.mos_kernels_ext.forward(x, experts, beta, None, "fused")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        mos_kernels.mos_linear(x, experts, beta, backend="cuda", strategy="gemm")

@@ -1,10 +1,14 @@
-"""MoSLinear: the router, architecture switching, collapse to nn.Linear, state, the eval cache."""
+"""MoSLinear: the router, architecture switching, collapse to nn.Linear, state, the eval cache,
+the one-node path (router and op in one C++ autograd node)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import mos_kernels
 from mos_kernels import MoSLinear
+from oracle import assert_close
 
 
 def make(granularity="neuron", bias=True, **kw):
@@ -156,3 +160,81 @@ def test_bad_arguments_are_named():
     layer.set_arch(torch.rand(4), in_features=20)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 20\)"):
         layer(torch.randn(3, 24))
+
+
+ONE_NODE = "cpu" in mos_kernels.available_backends("cpu")
+
+
+def plain_path(layer, x):
+    """The layer's output by the module's router and the reference op, in float64."""
+    beta = layer.router_scores()
+    return mos_kernels.reference.mos_linear(x, layer.experts, beta, layer.bias,
+                                            out_features=layer.active_out)
+
+
+@pytest.mark.skipif(not ONE_NODE, reason="the C++ extension is not built")
+@pytest.mark.parametrize("granularity", ["neuron", "layer"])
+@pytest.mark.parametrize("bias, router_bias", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("n_in, n_out, lead", [(24, 16, ()), (13, 7, (2, 3)), (24, 9, (1,))])
+def test_router_and_op_in_one_node_match_float64(granularity, bias, router_bias, n_in, n_out,
+                                                 lead):
+    """On the cpu backend the router and the op are one autograd node (backward in C++, the
+    router in plain loops): output and every parameter's gradient against the module's own
+    router and the reference op in float64, at the float32 tolerance."""
+    layer = make(granularity, bias)
+    if not router_bias:
+        layer.router[0].bias = layer.router[2].bias = None
+    layer.set_arch(torch.rand(4), in_features=n_in, out_features=n_out)
+    x = torch.randn(*lead, 5, n_in, requires_grad=True)
+    y = layer(x)
+    assert "RoutedNode" in y.grad_fn.name()
+    dy = torch.randn(y.shape)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], dy)
+    layer64 = copy.deepcopy(layer).double()
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = plain_path(layer64, x64)
+    grads64 = torch.autograd.grad(y64, [x64, *layer64.parameters()], dy.double())
+    names = ["output", "x"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, (y,) + grads, (y64,) + grads64):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert_close(a, b, torch.float32, name)
+
+
+@pytest.mark.skipif(not ONE_NODE, reason="the C++ extension is not built")
+def test_one_node_gradients_are_bit_reproducible():
+    layer = make().set_arch(torch.rand(4), 20, 10)
+    x = torch.randn(6, 20)
+    first = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    second = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not ONE_NODE, reason="the C++ extension is not built")
+def test_router_hooks_and_other_routers_take_the_plain_path():
+    layer = make().set_arch(torch.rand(4), 20, 10)
+    x = torch.randn(3, 20)
+    assert "RoutedNode" in layer(x).grad_fn.name()
+    seen = []
+    handle = layer.router[0].register_forward_hook(lambda *a: seen.append(1))
+    y = layer(x)
+    assert seen and "RoutedNode" not in y.grad_fn.name()  # the hook ran: the module path
+    handle.remove()
+    assert "RoutedNode" in layer(x).grad_fn.name()
+    layer.router = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 16 * 3))
+    y = layer(x)
+    assert "RoutedNode" not in y.grad_fn.name()
+    torch.testing.assert_close(y, plain_path(layer, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the module path too
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_strategy_is_a_plain_attribute():
+    layer = make(strategy="combine")
+    assert layer.strategy == "combine" and "strategy='combine'" in repr(layer)
+    layer.strategy = "auto"
+    assert "strategy" not in repr(layer)
+    layer.backend, layer.strategy = "reference", "combine"
+    with pytest.raises(ValueError, match="strategy 'combine' is not available on the "
+                                         "'reference' backend"):
+        layer(torch.randn(2, 24))

@@ -339,3 +339,70 @@ def test_bad_input_layerwise_out_features_too_large():
     with pytest.raises(ValueError, match="n_out = 9"):
         mos_kernels.mos_linear(torch.randn(3, 4), torch.randn(2, 6, 5), torch.rand(2),
                                out_features=9)
+
+
+def test_public_names_and_constants():
+    assert mos_kernels.BACKENDS == ("auto", "reference", "cpu", "triton", "cuda")
+    assert mos_kernels.STRATEGIES == ("auto", "one_pass", "combine")
+    assert mos_kernels.backend_strategies("reference") == ("auto",)
+    assert mos_kernels.backend_strategies("cpu", "cpu") == ("auto", "combine")
+    for name in ("triton", "cuda"):
+        if name in FUSED:
+            assert mos_kernels.backend_strategies(name, DEVICE) == mos_kernels.STRATEGIES
+
+
+def test_strategy_argument_is_checked():
+    x, experts, beta = torch.randn(3, 4), torch.randn(2, 6, 5), torch.rand(6, 2)
+    with pytest.raises(ValueError, match=r"strategy must be one of \('auto', 'one_pass', "
+                                         r"'combine'\), got 'fused'"):
+        mos_kernels.mos_linear(x, experts, beta, strategy="fused")
+    with pytest.raises(ValueError, match=r"strategy 'combine' is not available on the "
+                                         r"'reference' backend; there strategy must be one of "
+                                         r"\('auto',\)"):
+        mos_kernels.mos_linear(x, experts, beta, backend="reference", strategy="combine")
+    if "cpu" in FUSED:
+        with pytest.raises(ValueError, match=r"strategy 'one_pass' is not available on the "
+                                             r"'cpu' backend; there strategy must be one of "
+                                             r"\('auto', 'combine'\)"):
+            mos_kernels.mos_linear(x, experts, beta, backend="cpu", strategy="one_pass")
+        with pytest.raises(ValueError, match="not available on the 'cpu' backend"):
+            mos_kernels.MoSLinear(4, 6, strategy="one_pass")(x)
+        with pytest.raises(ValueError, match="mos_linear \\(cpu\\): strategy must be 'auto' or "
+                                             "'combine', got 'one_pass'"):
+            torch.ops.mos_kernels_ext.forward(x, experts, beta, None, "one_pass")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_plan_says_what_runs(backend):
+    x, experts, beta, bias = make_inputs(5, 6, 4, 8, 5, 2, False, "expert", torch.float32)
+    name, strategy = mos_kernels.plan(x, experts, beta, bias, backend=backend)
+    assert name == backend
+    assert strategy == mos_kernels.resolve_strategy("auto", backend, 5, 4, 6, 2, torch.float32,
+                                                    DEVICE)
+    assert strategy in ("one_pass", "combine")
+    if backend in ("reference", "cpu", "cuda"):  # the rule: combine unless one_pass is asked
+        assert strategy == "combine"
+    for asked in mos_kernels.backend_strategies(backend, DEVICE)[1:]:
+        assert mos_kernels.plan(x, experts, beta, bias, backend=backend,
+                                strategy=asked) == (backend, asked)
+    assert mos_kernels.plan(x, experts, beta, bias, backend=backend,
+                            save_mixed_weight=True) == (backend, "combine")
+    assert mos_kernels.plan(x, experts, beta, bias)[0] == mos_kernels.resolve_backend("auto",
+                                                                                      DEVICE)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_eager_calls_take_one_autograd_node(backend):
+    """cpu and cuda: the extension's C++ node, whose backward runs in C++, straight onto the
+    leaves (leading dimensions and layer-wise beta handled inside it); triton: a Python
+    Function."""
+    for layerwise in (False, True):
+        x, experts, beta, bias = make_inputs(5, 6, 4, 8, 5, 2, layerwise, "expert",
+                                             torch.float32, lead=(2,))
+        y = mos_kernels.mos_linear(x, experts, beta, bias, out_features=4, backend=backend)
+        if backend == "triton":  # the reshape of leading dimensions is a node of its own
+            assert "_EagerMoSLinear" in y.grad_fn.next_functions[0][0].name()
+            continue
+        assert "LinearNode" in y.grad_fn.name()
+        assert [f[0].name() for f in y.grad_fn.next_functions] == \
+            ["torch::autograd::AccumulateGrad"] * 4

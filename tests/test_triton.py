@@ -18,21 +18,22 @@ DTYPES = {"cpu": [torch.float32, torch.float64], "cuda": [torch.float32, torch.f
 HALF = [torch.float16, torch.bfloat16] if DEVICE.type == "cpu" else []
 
 
-@pytest.fixture(params=triton_backend.STRATEGIES)
-def strategy(request, monkeypatch):
-    monkeypatch.setattr(triton_backend, "strategy", request.param)
+@pytest.fixture(params=["one_pass", "combine"])
+def strategy(request):
     return request.param
 
 
-def triton_op(x, experts, beta, bias, out_features):
-    return mos_kernels.mos_linear(x, experts, beta, bias, out_features=out_features,
-                                  backend="triton")
+def triton_op(strategy):
+    def op(x, experts, beta, bias, out_features):
+        return mos_kernels.mos_linear(x, experts, beta, bias, out_features=out_features,
+                                      backend="triton", strategy=strategy)
+    return op
 
 
-def check(shape, m, layerwise, bias_kind, dtype):
+def check(shape, m, layerwise, bias_kind, dtype, strategy):
     tokens, n_in, n_out, k_max, n_max = shape
     tensors = make_inputs(tokens, n_in, n_out, k_max, n_max, m, layerwise, bias_kind, dtype)
-    y, grads, dy = run(triton_op, tensors, n_out)
+    y, grads, dy = run(triton_op(strategy), tensors, n_out)
     y_ref, grads_ref = reference64(tensors, n_out, dy)
     assert y.dtype == dtype
     assert_close(y, y_ref, dtype, "output")
@@ -47,19 +48,19 @@ def check(shape, m, layerwise, bias_kind, dtype):
 @pytest.mark.parametrize("m, layerwise, bias_kind", [(2, False, "expert"), (3, True, "shared"),
                                                      (6, False, "none"), (1, True, "expert")])
 def test_strategies_match_float64_reference(strategy, m, layerwise, bias_kind, dtype):
-    check((70, 97, 65, 100, 66), m, layerwise, bias_kind, dtype)
+    check((70, 97, 65, 100, 66), m, layerwise, bias_kind, dtype, strategy)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_inputs(strategy, dtype):
-    check((40, 70, 33, 72, 40), 2, False, "expert", dtype)
+    check((40, 70, 33, 72, 40), 2, False, "expert", dtype, strategy)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_gradients_are_bit_reproducible(strategy, layerwise):
     tensors = make_inputs(100, 130, 70, 140, 72, 3, layerwise, "expert", torch.float32)
-    y1, first, dy = run(triton_op, tensors, 70)
-    y2, second, _ = run(triton_op, tensors, 70, dy)
+    y1, first, dy = run(triton_op(strategy), tensors, 70)
+    y2, second, _ = run(triton_op(strategy), tensors, 70, dy)
     assert torch.equal(y1, y2)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
@@ -78,21 +79,21 @@ def test_layerwise_stride0_beta_and_strided_inputs(strategy):
     dy = torch.randn(33, 37, generator=torch.Generator().manual_seed(3)).to(DEVICE).t()
     assert dy.stride() == (1, 37)
     needs = [True, True, True, True]
-    y = triton_backend.forward(x, experts_t, beta_rows, bias_t)
-    grads = triton_backend.backward(dy, x, experts_t, beta_rows, bias_t, needs)
-    y_c = triton_backend.forward(x, experts, beta_rows.contiguous(), bias)
+    y = triton_backend.forward(x, experts_t, beta_rows, bias_t, strategy)
+    grads = triton_backend.backward(dy, x, experts_t, beta_rows, bias_t, needs, strategy)
+    y_c = triton_backend.forward(x, experts, beta_rows.contiguous(), bias, strategy)
     grads_c = triton_backend.backward(dy.contiguous(), x, experts, beta_rows.contiguous(), bias,
-                                      needs)
+                                      needs, strategy)
     for name, a, b in zip(["output", "dx", "dexperts", "dbeta", "dbias"], (y,) + grads,
                           (y_c,) + grads_c):
         assert a.is_contiguous(), name
-        if strategy == "onepass":
+        if strategy == "one_pass":
             assert torch.equal(a, b), name
         else:
             assert_close(a, b.double(), torch.float32, name)
     # and through the op, layer-wise dbeta is the column sum of the (n_out, m) rows
     tensors = [t.requires_grad_(True) for t in (x, experts, beta, bias)]
-    _, op_grads, _ = run(triton_op, tensors, 33, dy)
+    _, op_grads, _ = run(triton_op(strategy), tensors, 33, dy)
     _, ref_grads = reference64(tensors, 33, dy)
     assert op_grads[2].shape == (3,)
     assert_close(op_grads[2], ref_grads[2], torch.float32, "dbeta")
@@ -107,13 +108,13 @@ def test_only_requested_gradients(strategy, needs, bias_kind):
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         35, 40, 33, 41, 36, 2, False, bias_kind, torch.float32))
     dy = torch.randn(35, 33, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    full = triton_backend.backward(dy, x, experts, beta, bias, [True] * 4)
-    some = triton_backend.backward(dy, x, experts, beta, bias, list(needs))
+    full = triton_backend.backward(dy, x, experts, beta, bias, [True] * 4, strategy)
+    some = triton_backend.backward(dy, x, experts, beta, bias, list(needs), strategy)
     for need, g, g_full in zip(needs, some, full):
         if need:
             torch.testing.assert_close(g, g_full, rtol=1e-5, atol=1e-5)
         else:
-            assert g.numel() == 0
+            assert g is None
 
 
 def _gpu_tiles():
@@ -134,40 +135,45 @@ def test_every_gpu_tile_shape_under_the_interpreter(strategy, tiles, monkeypatch
     # On a GPU the autotuner picks among these; here each one runs every kernel, on a shape with
     # ragged edges in every dimension and more than one 128-tile along each.
     monkeypatch.setattr(triton_backend, "_INTERPRETER_TILES", tiles)
-    check((300, 270, 260, 280, 270), 3, False, "expert", torch.float32)
+    check((300, 270, 260, 280, 270), 3, False, "expert", torch.float32, strategy)
 
 
 def test_zero_tokens(strategy):
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         1, 20, 17, 24, 20, 2, False, "expert", torch.float32))
     x = x[:0]
-    y = triton_backend.forward(x, experts, beta, bias)
+    y = triton_backend.forward(x, experts, beta, bias, strategy)
     assert y.shape == (0, 17)
-    dx, de, dbeta, dbias = triton_backend.backward(y, x, experts, beta, bias, [True] * 4)
+    dx, de, dbeta, dbias = triton_backend.backward(y, x, experts, beta, bias, [True] * 4,
+                                                   strategy)
     assert dx.shape == (0, 20) and de.shape == experts.shape and dbias.shape == bias.shape
     assert not de.any() and not dbeta.any() and not dbias.any()
 
 
 def test_strategy_rule(monkeypatch):
-    monkeypatch.setattr(triton_backend, "strategy", "auto")
     threshold = triton_backend.COMBINE_MIN_TOKENS
     for dtype in (torch.bfloat16, torch.float16):
-        assert triton_backend.choose_strategy(threshold - 1, 768, 3072, 2, dtype) == "onepass"
+        assert triton_backend.choose_strategy(threshold - 1, 768, 3072, 2, dtype) == "one_pass"
         assert triton_backend.choose_strategy(threshold, 768, 3072, 2, dtype) == "combine"
     # Exact fp32 and fp64 take cuBLAS's exact GEMMs at every size; fp32 with TF32 the rule.
     monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: False)
     assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float32) == "combine"
     assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float64) == "combine"
     monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: True)
-    assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float32) == "onepass"
+    assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float32) == "one_pass"
     assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float64) == "combine"
-    for name in triton_backend.STRATEGIES:
-        monkeypatch.setattr(triton_backend, "strategy", name)
-        assert triton_backend.choose_strategy(1, 8, 8, 2) == name
-        assert triton_backend.choose_strategy(10**6, 8, 8, 2) == name
-    monkeypatch.setattr(triton_backend, "strategy", "fastest")
-    with pytest.raises(ValueError, match="strategy must be"):
-        triton_backend.choose_strategy(1, 8, 8, 2)
+    for name in ("one_pass", "combine"):
+        assert triton_backend.choose_strategy(1, 8, 8, 2, strategy=name) == name
+        assert triton_backend.choose_strategy(10**6, 8, 8, 2, strategy=name) == name
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        triton_backend.choose_strategy(1, 8, 8, 2, strategy="onepass")
+    # mos_kernels.resolve_strategy says the same for the triton backend
+    assert mos_kernels.resolve_strategy("auto", "triton", threshold, 768, 3072, 2,
+                                        torch.bfloat16, DEVICE) == "combine"
+    assert mos_kernels.resolve_strategy("auto", "triton", 1, 8, 8, 2, torch.float64,
+                                        DEVICE) == "combine"
+    assert mos_kernels.resolve_strategy("one_pass", "triton", 10**6, 8, 8, 2, torch.float64,
+                                        DEVICE) == "one_pass"
 
 
 def test_auto_runs_the_strategy_the_rule_picks(monkeypatch):
@@ -176,17 +182,18 @@ def test_auto_runs_the_strategy_the_rule_picks(monkeypatch):
     original = triton_backend._combine
     monkeypatch.setattr(triton_backend, "_combine",
                         lambda *a: combined.append(1) or original(*a))
-    monkeypatch.setattr(triton_backend, "strategy", "auto")
     monkeypatch.setattr(triton_backend, "COMBINE_MIN_TOKENS", 16)
     monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: True)  # fp32 follows the rule
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         15, 20, 17, 24, 20, 2, False, "expert", torch.float32))
-    y_small = triton_backend.forward(x, experts, beta, bias)
+    y_small = triton_backend.forward(x, experts, beta, bias, "auto")
     assert not combined
     x2 = torch.cat([x, x])
-    y_large = triton_backend.forward(x2, experts, beta, bias)
+    y_large = triton_backend.forward(x2, experts, beta, bias, "auto")
     assert combined
     assert_close(y_large[:15], y_small.double(), torch.float32, "output")
+    assert mos_kernels.plan(x2, experts, beta, bias, backend="triton") == ("triton", "combine")
+    assert mos_kernels.plan(x, experts, beta, bias, backend="triton") == ("triton", "one_pass")
 
 
 def test_tf32_policy_follows_torch(monkeypatch):
@@ -202,7 +209,7 @@ def test_unsupported_dtype_and_device_are_named():
     x, experts, beta = (torch.randn(4, 6), torch.randn(2, 5, 6), torch.rand(5, 2))
     fp8 = [t.to(DEVICE).to(torch.float8_e4m3fn) for t in (x, experts, beta)]
     with pytest.raises(TypeError, match="float8_e4m3fn"):
-        triton_backend.forward(*fp8, None)
+        triton_backend.forward(*fp8, None, "auto")
     assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"))
     assert triton_backend.unavailable_reason(DEVICE) is None
 
@@ -211,19 +218,15 @@ def test_config_pruning():
     """Configs whose tiles overflow shared memory are dropped (at least one always stays);
     small problems take the first config that fits, untimed."""
     configs = triton_backend._GEMM_CONFIGS
-    prune = triton_backend._pruner(triton_backend._gemm_shared)
+    shared = triton_backend._gemm_shared
     budget = triton_backend._shared_memory_budget()
-    experts32 = torch.empty(0, dtype=torch.float32)
     for m in (1, 2, 6, 64):
-        fits = [c for c in configs
-                if triton_backend._gemm_shared(c.kwargs, c.num_stages, m) * 4 <= budget]
-        large = dict(T_KEY=8192, N_KEY=4096, K_KEY=1024, E=experts32)
-        kept = prune(configs, large, M=m)
+        fits = [c for c in configs if shared(c.kwargs, c.num_stages, m) * 4 <= budget]
+        kept = triton_backend._prune(configs, shared, 4, m, 8192 * 4096 * 1024)
         assert kept and all(c in configs for c in kept)
         assert kept == fits or (not fits and len(kept) == 1)
-        small = dict(T_KEY=64, N_KEY=64, K_KEY=64, E=experts32)
-        assert prune(configs, small, M=m) == kept[:1]
-    assert len(prune(configs, large, M=1)) > 1
+        assert triton_backend._prune(configs, shared, 4, m, 64 * 64 * 64) == kept[:1]
+    assert len(triton_backend._prune(configs, shared, 4, 1, 8192 * 4096 * 1024)) > 1
     # Triton 3.6 asked for 335872 bytes for this config at m = 6 in fp32 on an H100
     seen = dict(BLOCK_T=32, BLOCK_N=64, BLOCK_K=64, GROUP=8)
     assert triton_backend._gemm_shared(seen, 4, 6) * 4 >= 335872

@@ -2,16 +2,16 @@
 // csrc/mos_linear_cpu.cpp): checks, allocation, device guard, stream and dtype plumbing around the
 // launchers of mos_linear_kernels.h. Same semantics as the CPU kernels.
 //
-// Two strategies (MOS_CUDA_STRATEGY=fused|gemm picks one per call, for tests and benchmarks):
-//   gemm:  W_a combined once by a small kernel, then the vendor GEMM (cuBLAS through at::mm) for
-//          y; backward: G = dy^T x by cuBLAS, then the expert-gradient epilogue kernel, which also
-//          writes W_a again for dx = dy @ W_a by cuBLAS (a combine of its own when only dx is
-//          asked for);
-//   fused: the one-pass kernels (W_a combined tile by tile on chip, never stored; G = dy^T x tiled
-//          with the expert-gradient epilogue in the same kernel).
-// The default is gemm: on an H100 it was faster for every benchmark shape and token count (512 to
-// 16384; benchmarks/roofline.py --measure), the fused kernels being latency-bound (one stage of
-// register prefetch, one block per SM). Neither strategy stores an (m, N, K) temporary.
+// Two strategies, the ops' `strategy` argument:
+//   combine:  W_a combined once by a small kernel, then the vendor GEMM (cuBLAS through at::mm)
+//             for y; backward: G = dy^T x by cuBLAS, then the expert-gradient epilogue kernel,
+//             which also writes W_a again for dx = dy @ W_a by cuBLAS (a combine of its own when
+//             only dx is asked for);
+//   one_pass: the one-pass kernels (W_a combined tile by tile on chip, never stored;
+//             G = dy^T x tiled with the expert-gradient epilogue in the same kernel).
+// "auto" is combine: on an H100 it was faster for every benchmark shape and token count (512 to
+// 16384; benchmarks/roofline.py --measure), the one-pass kernels being latency-bound (one stage
+// of register prefetch, one block per SM). Neither strategy stores an (m, N, K) temporary.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -19,8 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
-#include <cstdlib>
-#include <cstring>
+#include <atomic>
 
 #include "mos_linear_kernels.h"
 
@@ -87,11 +86,27 @@ mos_cuda::DType dtype_of(const Tensor& t) {
   return mos_cuda::DType::kFloat32;  // not reached
 }
 
-// Tensor cores: fp16 WMMA needs sm_70, bf16 WMMA sm_80.
+// The compute capability's major number of a device, asked once per device and process.
+int capability_major(c10::DeviceIndex device) {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> known{};  // 0: not asked yet
+  if (device < 0 || device >= kMaxDevices) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major;
+  }
+  int major = known[device].load(std::memory_order_relaxed);
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    known[device].store(major, std::memory_order_relaxed);
+  }
+  return major;
+}
+
+// Tensor cores: fp16 WMMA needs sm_70, bf16 WMMA sm_80. Only the half types depend on the GPU.
 void check_device_supports(const Tensor& x) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        x.get_device()));
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return;
+  const int major = capability_major(x.get_device());
   TORCH_CHECK(x.scalar_type() != at::kBFloat16 || major >= 8,
               "mos_linear (cuda): bfloat16 needs a GPU of compute capability 8.0 or newer (this "
               "one is ", major, ".x); use float16 or float32");
@@ -121,9 +136,8 @@ mos_cuda::Bias bias_of(const c10::optional<Tensor>& bias) {
   return {bias->data_ptr(), mos_cuda::BiasKind::kPerExpert, bias->stride(0), bias->stride(1)};
 }
 
-// The weight-side gradients for the launchers: tensors (distinct empty ones where not wanted:
-// an op's outputs may not alias), their pointers (null where not wanted), and the scratch for
-// `tokens` rows of dy.
+// The weight-side gradients for the launchers: tensors (undefined where not wanted, None in
+// Python), their pointers (null where not wanted), and the scratch for `tokens` rows of dy.
 struct WeightGradOutputs {
   Tensor d_experts, d_beta, d_bias, workspace;
   void *experts_ptr = nullptr, *beta_ptr = nullptr, *bias_ptr = nullptr;
@@ -131,9 +145,9 @@ struct WeightGradOutputs {
   WeightGradOutputs(const Tensor& experts, const Tensor& beta, const c10::optional<Tensor>& bias,
                     const mos_cuda::Mixture& mix, int64_t tokens, bool want_e, bool want_beta,
                     bool want_bias)
-      : d_experts(want_e ? at::empty(experts.sizes(), experts.options()) : experts.new_empty({0})),
-        d_beta(want_beta ? at::empty({mix.n_out, mix.m}, beta.options()) : experts.new_empty({0})),
-        d_bias(want_bias ? at::empty(bias->sizes(), bias->options()) : experts.new_empty({0})),
+      : d_experts(want_e ? at::empty(experts.sizes(), experts.options()) : Tensor()),
+        d_beta(want_beta ? at::empty({mix.n_out, mix.m}, beta.options()) : Tensor()),
+        d_bias(want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor()),
         workspace(at::empty({static_cast<int64_t>(mos_cuda::weight_grad_workspace_bytes(
                                 dtype_of(experts), mix, tokens))},
                             experts.options().dtype(at::kByte))) {
@@ -143,12 +157,14 @@ struct WeightGradOutputs {
   }
 };
 
-bool use_gemm() {
-  const char* forced = std::getenv("MOS_CUDA_STRATEGY");
-  if (forced == nullptr || std::strcmp(forced, "gemm") == 0) return true;
-  TORCH_CHECK(std::strcmp(forced, "fused") == 0,
-              "mos_linear (cuda): MOS_CUDA_STRATEGY must be 'gemm' or 'fused', got '", forced, "'");
-  return false;
+// Combine-then-GEMM unless the one-pass kernels are asked for ("auto" is combine). With no
+// tokens the one-pass kernels run: they write the zero gradients without a GEMM of size zero.
+bool use_combine(c10::string_view strategy, int64_t tokens) {
+  const bool one_pass = strategy == "one_pass";
+  TORCH_CHECK_VALUE(one_pass || strategy == "combine" || strategy == "auto",
+                    "mos_linear (cuda): strategy must be 'auto', 'one_pass' or 'combine', got '",
+                    strategy, "'");
+  return !one_pass && tokens > 0;
 }
 
 // W_a (n_out, n_in) and, with a bias, b_a (n_out,), combined once.
@@ -165,12 +181,12 @@ std::pair<Tensor, Tensor> combined(const Tensor& experts, const Tensor& beta,
 }
 
 Tensor forward_cuda(const Tensor& x, const Tensor& experts, const Tensor& beta,
-                    const c10::optional<Tensor>& bias) {
+                    const c10::optional<Tensor>& bias, c10::string_view strategy) {
   const Dims d = check(x, experts, beta, bias);
   check_device_supports(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  if (d.tokens > 0 && use_gemm()) {
+  if (use_combine(strategy, d.tokens)) {
     auto [weight, mixed_bias] = combined(experts, beta, bias, d, stream);
     return mixed_bias.defined() ? at::addmm(mixed_bias, x, weight.t()) : at::mm(x, weight.t());
   }
@@ -184,7 +200,8 @@ Tensor forward_cuda(const Tensor& x, const Tensor& experts, const Tensor& beta,
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const Tensor& x,
                                                          const Tensor& experts, const Tensor& beta,
                                                          const c10::optional<Tensor>& bias,
-                                                         std::array<bool, 4> needs) {
+                                                         std::array<bool, 4> needs,
+                                                         c10::string_view strategy) {
   const Dims d = check(x, experts, beta, bias);
   TORCH_CHECK(dy.device() == x.device() && dy.scalar_type() == x.scalar_type(),
               "mos_linear (cuda) backward: dy must be a ", x.scalar_type(), " tensor on ",
@@ -197,12 +214,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const mos_cuda::DType dtype = dtype_of(x);
   const mos_cuda::Mixture mix = mixture_of(experts, beta, d);
-  const bool gemm = d.tokens > 0 && use_gemm();
+  const bool gemm = use_combine(strategy, d.tokens);
   const bool want_bias = needs[3] && bias.has_value();
 
-  // Gradients not asked for come back as distinct empty tensors (outputs of an op may not alias).
-  Tensor d_x = x.new_empty({0}), d_experts = x.new_empty({0}), d_beta = x.new_empty({0}),
-         d_bias = x.new_empty({0});
+  // Gradients not asked for come back undefined (None in Python).
+  Tensor d_x, d_experts, d_beta, d_bias;
   // With G from cuBLAS, the epilogue that reads the expert rows for dE and dbeta also writes the
   // W_a that dx needs, instead of a combine pass of its own.
   const bool product = gemm && (needs[1] || needs[2]);

@@ -17,12 +17,12 @@ def unavailable_reason(device):
     return None
 
 
-def forward(x, experts, beta, bias):
-    return torch.ops.mos_kernels_ext.forward(x, experts, beta, bias)
+def forward(x, experts, beta, bias, strategy="auto"):
+    return torch.ops.mos_kernels_ext.forward(x, experts, beta, bias, strategy)
 
 
-def backward(dy, x, experts, beta, bias, needs):
-    return torch.ops.mos_kernels_ext.backward(dy, x, experts, beta, bias, list(needs))
+def backward(dy, x, experts, beta, bias, needs, strategy="auto"):
+    return torch.ops.mos_kernels_ext.backward(dy, x, experts, beta, bias, list(needs), strategy)
 
 
 def combine(experts, beta, bias, n_in):

@@ -1,8 +1,8 @@
 """Triton kernels for CUDA tensors (sm_80 and newer), and for CPU tensors under TRITON_INTERPRET=1.
 
-Two strategies, picked per call by the module attribute ``strategy``:
+Two strategies, picked per call by the ``strategy`` argument of forward and backward:
 
-- "onepass": y = x @ W_a^T + b_a and dx = dy @ W_a by one GEMM kernel each, whose weight-tile load
+- "one_pass": y = x @ W_a^T + b_a and dx = dy @ W_a by one GEMM kernel each, whose weight-tile load
   combines the m expert tiles with beta in fp32 registers before the dot product; W_a never exists
   in memory. The weight gradient is one kernel computing G = dy^T x tile by tile over the tokens,
   which writes the m slices of dexperts, the row sums s = sum_t dy and per-tile dbeta partials
@@ -14,7 +14,6 @@ Two strategies, picked per call by the module attribute ``strategy``:
   recombine each weight tile once per token tile, on the CUDA cores, while combine does it once.
 - "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on, and
   always for exact fp32 (TF32 not allowed) and fp64, whose dots Triton runs on the CUDA cores.
-Set ``triton_backend.strategy`` to force one (the op benchmark does, to show the crossover).
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
 a fixed order (no float atomics), so gradients are bit-identical from run to run for a given tile
@@ -32,8 +31,7 @@ import os
 
 import torch
 
-STRATEGIES = ("onepass", "combine")
-strategy = "auto"
+STRATEGIES = ("auto", "one_pass", "combine")
 # "auto" switches to combine-then-GEMM at this many tokens (rows of x). From the first H100 run
 # of benchmarks/bench_op.py (bf16, m = 2 and 6, forward + backward medians): one-pass was ahead
 # at every T <= 8192 (mt-ffn1, bert-ffn2); at T = 16384 combine was ahead for bert-ffn2 and
@@ -76,19 +74,19 @@ def unavailable_reason(device):
 
 
 def choose_strategy(tokens: int, n_out: int, n_in: int, num_experts: int,
-                    dtype: torch.dtype = torch.bfloat16) -> str:
+                    dtype: torch.dtype = torch.bfloat16, strategy: str = "auto") -> str:
     """The strategy a call runs: ``strategy`` when it names one, else the rule of "auto"."""
-    if strategy in STRATEGIES:
-        return strategy
     if strategy != "auto":
-        raise ValueError(f"triton_backend.strategy must be 'auto' or one of {STRATEGIES}, "
-                         f"got {strategy!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"mos_linear (triton): strategy must be one of {STRATEGIES}, "
+                             f"got {strategy!r}")
+        return strategy
     if dtype == torch.float64 or (dtype == torch.float32 and not _tf32_allowed()):
         # Exact fp32 and fp64 dots run on the CUDA cores in Triton: compiled for sm_80 and
         # sm_90 the one-pass kernels then spill kilobytes of registers per thread
         # (tests/triton_compile.py), where cuBLAS has its exact GEMMs.
         return "combine"
-    return "combine" if tokens >= COMBINE_MIN_TOKENS else "onepass"
+    return "combine" if tokens >= COMBINE_MIN_TOKENS else "one_pass"
 
 
 if triton is not None:
@@ -122,17 +120,17 @@ if triton is not None:
         return first + (pid % per_group) % size, (pid % per_group) // size
 
     # Arguments that do not shape the hot loop's memory accesses are not specialised on (Triton
-    # would otherwise compile a variant per divisibility-by-16 or == 1 of each): the autotuning
-    # keys, the token count (masks across rows only), beta's and the bias' strides (a handful of
-    # scalar-per-row loads), the bias kind. Far fewer compiles for the same machine code.
+    # would otherwise compile a variant per divisibility-by-16 or == 1 of each): the token count
+    # (masks across rows only), beta's and the bias' strides (a handful of scalar-per-row loads),
+    # the bias kind. Far fewer compiles for the same machine code. Every argument costs host time
+    # per launch (Triton's binder inspects each one), so the kernels take no more than they read.
     _SMALL_LOADS = ["stride_bo", "stride_bi", "stride_bias0", "stride_bias1"]
-    _KEYS = ["T_KEY", "N_KEY", "K_KEY"]
 
-    @triton.jit(do_not_specialize=["T", "bias_kind"] + _SMALL_LOADS + _KEYS)
+    @triton.jit(do_not_specialize=["T", "bias_kind"] + _SMALL_LOADS)
     def _forward_kernel(X, E, Beta, Bias, Y, T, n_out, n_in,
                         stride_xt, stride_xk, stride_e0, stride_e1, stride_e2,
                         stride_bo, stride_bi, stride_bias0, stride_bias1, stride_yt, bias_kind,
-                        T_KEY, N_KEY, K_KEY, M: tl.constexpr,
+                        M: tl.constexpr,
                         ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP: tl.constexpr):
@@ -165,11 +163,11 @@ if triton is not None:
         tl.store(Y + rows64[:, None] * stride_yt + cols64[None, :],
                  acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit(do_not_specialize=["T", "stride_bo", "stride_bi"] + _KEYS)
+    @triton.jit(do_not_specialize=["T", "stride_bo", "stride_bi"])
     def _grad_input_kernel(DY, E, Beta, DX, T, n_out, n_in,
                            stride_dyt, stride_dyo, stride_e0, stride_e1, stride_e2,
                            stride_bo, stride_bi, stride_dxt,
-                           T_KEY, N_KEY, K_KEY, M: tl.constexpr, ACC: tl.constexpr,
+                           M: tl.constexpr, ACC: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
         """dx[t, k] = sum_o dy[t, o] W_a[o, k]; the loop runs over the output features o."""
@@ -198,11 +196,11 @@ if triton is not None:
 
     _WANTS = ["want_de", "want_parts", "want_s"]
 
-    @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _WANTS + _KEYS)
+    @triton.jit(do_not_specialize=["T", "N_max", "stride_bo", "stride_bi"] + _WANTS)
     def _weight_grad_kernel(DY, X, G, E, Beta, DE, Parts, S, W, T, n_out, n_in, N_max, K_max,
                             stride_dyt, stride_dyo, stride_xt, stride_xk, stride_go, stride_gk,
                             stride_e0, stride_e1, stride_e2, stride_bo, stride_bi, stride_de0,
-                            want_de, want_parts, want_s, T_KEY, N_KEY, K_KEY, M: tl.constexpr,
+                            want_de, want_parts, want_s, M: tl.constexpr,
                             ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                             FROM_G: tl.constexpr, WANT_W: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -305,10 +303,10 @@ if triton is not None:
         if (want_dbias != 0) & (bias_kind == 1):
             tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
 
-    @triton.jit(do_not_specialize=_SMALL_LOADS + ["bias_kind", "N_KEY", "K_KEY"])
+    @triton.jit(do_not_specialize=_SMALL_LOADS + ["bias_kind"])
     def _combine_kernel(E, Beta, Bias, W, MixedBias, n_out, n_in,
                         stride_e0, stride_e1, stride_e2, stride_bo, stride_bi,
-                        stride_bias0, stride_bias1, bias_kind, N_KEY, K_KEY, M: tl.constexpr,
+                        stride_bias0, stride_bias1, bias_kind, M: tl.constexpr,
                         ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """W_a (n_out, n_in) contiguous, and b_a for a per-expert bias (tiles with pid_k == 0)."""
         pid_n = tl.program_id(0)
@@ -379,19 +377,14 @@ if triton is not None:
         except Exception:  # noqa: BLE001
             return 99 * 1024  # sm_86/sm_89, the smallest of the sm_80+ parts
 
-    def _pruner(shared_elements):
+    def _prune(configs, shared_elements, element_size, m, work):
         """Drop the configs whose tiles cannot fit in shared memory (the compiler would reject
-        them, after compiling); small problems then take the first config that fits, untimed."""
-        def prune(configs, named_args, **kwargs):
-            budget = _shared_memory_budget()
-            size = named_args["E"].element_size()
-            m = kwargs["M"]
-            need = lambda c: shared_elements(c.kwargs, c.num_stages, m) * size  # noqa: E731
-            fits = [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
-            if named_args["T_KEY"] * named_args["N_KEY"] * named_args["K_KEY"] <= _SMALL_PROBLEM:
-                return fits[:1]
-            return fits
-        return prune
+        them, after compiling); problems of at most _SMALL_PROBLEM multiply-adds (``work``, from
+        bucketed sizes) then take the first config that fits, untimed."""
+        budget = _shared_memory_budget()
+        need = lambda c: shared_elements(c.kwargs, c.num_stages, m) * element_size  # noqa: E731
+        fits = [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
+        return fits[:1] if work <= _SMALL_PROBLEM else fits
 
     # Elements of shared memory a config takes: num_stages - 1 pipeline buffers of the loop's
     # loads (the activation tile and the m expert tiles), plus the tiles that go through shared
@@ -414,37 +407,68 @@ if triton is not None:
         per_stage = c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_K"])
         return (stages - 1) * per_stage + 2 * c["BLOCK_N"] * c["BLOCK_K"]  # + fp32 G tile
 
-    if not _INTERPRETED:
-        _gemm_key = ["T_KEY", "N_KEY", "K_KEY", "M", "PRECISION"]
-        _forward_kernel = triton.autotune(
-            _GEMM_CONFIGS, key=_gemm_key,
-            prune_configs_by={"early_config_prune": _pruner(_gemm_shared)})(_forward_kernel)
-        _grad_input_kernel = triton.autotune(
-            _GEMM_CONFIGS, key=_gemm_key,
-            prune_configs_by={"early_config_prune": _pruner(_grad_input_shared)},
-        )(_grad_input_kernel)
-        _weight_grad_kernel = triton.autotune(
-            _WGRAD_CONFIGS, key=_gemm_key + ["FROM_G", "WANT_W"] + _WANTS,
-            prune_configs_by={"early_config_prune": _pruner(_wgrad_shared)})(_weight_grad_kernel)
-        _combine_kernel = triton.autotune(_COMBINE_CONFIGS,
-                                          key=["N_KEY", "K_KEY", "M"])(_combine_kernel)
-
 
 # -------------------------------------------------------------------- launchers
-def _tiles(*names):
-    """Fixed tile sizes under the interpreter; on a GPU the autotuner supplies them."""
-    if not _INTERPRETED:
-        return {}
-    return {n: _INTERPRETER_TILES[n] for n in names}
-
-
 def _key(n):
-    """Autotuning key of a size: its power-of-two bucket, so that nearby shapes share a config."""
+    """Tuning key of a size: its power-of-two bucket, so that nearby shapes share a config."""
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call from the host
     return -(-a // b)
+
+
+class _Tuned:
+    """A JIT kernel with its tile configurations and their shared-memory estimate (None: all
+    fit, and all are timed).
+
+    The configuration is chosen once per problem key (the launch's flags, sizes bucketed to
+    powers of two, m, dtype, dot precision): for small problems the first that fits, untimed;
+    otherwise the fastest, timed on the problem itself. Launches then go straight to the JIT
+    function's run(): Triton's autotuner would build a key from every argument (a str(dtype) per
+    tensor) on every call, which cost more host time than the launch itself. Under the
+    interpreter: the first configuration with the tiles of _INTERPRETER_TILES."""
+
+    def __init__(self, fn, configs, shared=None):
+        self.fn, self.configs, self.shared = fn, configs, shared
+        self.chosen = {}
+
+    def launch(self, d, flags, tokens, grid_of, args, constants):
+        """Runs the kernel on ``args``, constexprs ``constants``, with this problem's
+        configuration; returns the launch options (tiles included)."""
+        key = (flags, _key(tokens))
+        options = d.options.get(key)
+        if options is None:
+            tiles = self._choose(d, key, grid_of, args, constants)
+            options = d.options[key] = dict(constants, **tiles)
+        self.fn.run(*args, grid=grid_of(options), warmup=False, **options)
+        return options
+
+    def _choose(self, d, key, grid_of, args, constants):
+        if _INTERPRETED:
+            return {k: _INTERPRETER_TILES.get(k, v) for k, v in self.configs[0].kwargs.items()}
+        problem = key + (d.n_out_key, d.n_in_key, d.m, d.dtype, d.precision)
+        tiles = self.chosen.get(problem)
+        if tiles is None:
+            configs = self.configs
+            if self.shared is not None:
+                work = key[1] * d.n_out_key * d.n_in_key
+                configs = _prune(configs, self.shared, d.element_size, d.m, work)
+            candidates = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                          for c in configs]
+            if len(candidates) > 1:
+                times = [self._time(c, grid_of, args, constants) for c in candidates]
+                candidates = [candidates[times.index(min(times))]]
+            tiles = self.chosen[problem] = candidates[0]
+        return tiles
+
+    def _time(self, tiles, grid_of, args, constants):
+        def run():
+            self.fn.run(*args, grid=grid_of(tiles), warmup=False, **constants, **tiles)
+        try:
+            return triton.testing.do_bench(run)
+        except Exception:  # noqa: BLE001  e.g. out of resources: not a candidate
+            return float("inf")
 
 
 def _types(dtype):
@@ -478,7 +502,11 @@ def _bias_args(bias, beta):
 
 
 class _Dims:
-    def __init__(self, experts, beta, tokens, n_in):
+    """A problem's sizes, types and launch constants, checked once per shape, dtype, device,
+    strategy and dot precision (_problem keeps them); ``options`` keeps each kernel's launch
+    options per token bucket."""
+
+    def __init__(self, experts, beta, n_in, strategy, precision):
         # The op's contract checked shapes, dtypes and devices; these checks guard direct calls.
         if experts.dtype not in _DTYPES:
             raise TypeError(f"mos_linear (triton): experts have dtype {experts.dtype}; expected "
@@ -486,24 +514,46 @@ class _Dims:
         if experts.dim() != 3 or beta.dim() != 2:
             raise ValueError("mos_linear (triton): expected experts (m, N_max, K_max) and beta "
                              f"(n_out, m), got {tuple(experts.shape)} and {tuple(beta.shape)}")
-        self.tokens, self.n_in = tokens, n_in
+        self.n_in = n_in
         self.m, self.n_max, self.k_max = experts.shape
         self.n_out = beta.shape[0]
         if beta.shape[1] != self.m or self.n_out > self.n_max or self.n_in > self.k_max:
             raise ValueError(f"mos_linear (triton): beta {tuple(beta.shape)} and n_in = {n_in} "
                              f"do not fit experts {tuple(experts.shape)}")
+        choose_strategy(0, self.n_out, n_in, self.m, experts.dtype, strategy)  # checks the name
+        self.requested, self.dtype, self.precision = strategy, experts.dtype, precision
+        self.element_size = experts.element_size()
         self.acc, self.dot = _types(experts.dtype)
         self.acc_torch = torch.float64 if experts.dtype == torch.float64 else torch.float32
-        self.precision = _precision(experts.dtype)
-        self.strategy = choose_strategy(self.tokens, self.n_out, self.n_in, self.m,
-                                        experts.dtype)
+        self.n_out_key, self.n_in_key = _key(self.n_out), _key(n_in)
+        self.gemm = dict(M=self.m, ACC=self.acc, DOT=self.dot, PRECISION=precision)
+        self.options = {}
+
+    def strategy(self, tokens):
+        return choose_strategy(tokens, self.n_out, self.n_in, self.m, self.dtype, self.requested)
 
 
-def _dims(x, experts, beta):
+_problems = {}
+
+
+def _problem(experts, beta, n_in, strategy):
+    precision = _precision(experts.dtype)  # per call: it follows torch's TF32 flag
+    key = (experts.shape, beta.shape, n_in, experts.dtype, experts.device, strategy, precision)
+    d = _problems.get(key)
+    if d is None:
+        d = _Dims(experts, beta, n_in, strategy, precision)
+        if not _INTERPRETED:  # the interpreter's tiles change between tests
+            if len(_problems) >= 4096:
+                _problems.clear()
+            _problems[key] = d
+    return d
+
+
+def _dims(x, experts, beta, strategy):
     if x.dim() != 2 or x.dtype != experts.dtype:
         raise ValueError(f"mos_linear (triton): x must be (T, n_in) {experts.dtype}, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    return _Dims(experts, beta, *x.shape)
+    return _problem(experts, beta, x.shape[1], strategy)
 
 
 def _device(t):
@@ -518,51 +568,47 @@ def _combine(experts, beta, bias, d):
     weight = experts.new_empty(d.n_out, d.n_in)
     bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
     mixed_bias = experts.new_empty(d.n_out) if bias_kind == 2 else weight
-    grid = lambda meta: (_cdiv(d.n_out, meta["BLOCK_N"]),  # noqa: E731
-                         _cdiv(d.n_in, meta["BLOCK_K"]))
-    _combine_kernel[grid](
-        experts, beta, bias_ptr, weight, mixed_bias, d.n_out, d.n_in, *experts.stride(),
-        *beta.stride(), stride_bias0, stride_bias1, bias_kind, _key(d.n_out), _key(d.n_in),
-        M=d.m, ACC=d.acc, **_tiles("BLOCK_N", "BLOCK_K"))
+    _COMBINE.launch(
+        d, "combine", 0, lambda o: (_cdiv(d.n_out, o["BLOCK_N"]), _cdiv(d.n_in, o["BLOCK_K"])),
+        (experts, beta, bias_ptr, weight, mixed_bias, d.n_out, d.n_in, *experts.stride(),
+         *beta.stride(), stride_bias0, stride_bias1, bias_kind), dict(M=d.m, ACC=d.acc))
     if bias_kind == 0:
         return weight, None
     return weight, (bias[:d.n_out] if bias_kind == 1 else mixed_bias)
 
 
-def forward(x, experts, beta, bias):
-    d = _dims(x, experts, beta)
+def forward(x, experts, beta, bias, strategy="auto"):
+    d = _dims(x, experts, beta, strategy)
+    tokens = x.shape[0]
     with _device(x):
-        if d.strategy == "combine":
+        if d.strategy(tokens) == "combine":
             weight, mixed_bias = _combine(experts, beta, bias, d)
             return torch.nn.functional.linear(x, weight, mixed_bias).contiguous()
-        y = x.new_empty(d.tokens, d.n_out)
-        if d.tokens == 0:
+        y = x.new_empty(tokens, d.n_out)
+        if tokens == 0:
             return y
         bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
-        grid = lambda meta: (_cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
-                             * _cdiv(d.n_out, meta["BLOCK_N"]),)
-        _forward_kernel[grid](
-            x, experts, beta, bias_ptr, y, d.tokens, d.n_out, d.n_in, *x.stride(),
-            *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0), bias_kind,
-            _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m, ACC=d.acc,
-            DOT=d.dot, PRECISION=d.precision, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"),
-            **({"GROUP": 8} if _INTERPRETED else {}))
+        _FORWARD.launch(
+            d, "forward", tokens,
+            lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_out, o["BLOCK_N"]),),
+            (x, experts, beta, bias_ptr, y, tokens, d.n_out, d.n_in, *x.stride(),
+             *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0),
+             bias_kind), d.gemm)
         return y
 
 
-def _grad_input(dy, x, experts, beta, d):
-    if d.strategy == "combine":
+def _grad_input(dy, x, experts, beta, d, strategy):
+    if strategy == "combine":
         return torch.mm(dy, _combine(experts, beta, None, d)[0])
-    dx = x.new_empty(d.tokens, d.n_in)
-    if d.tokens == 0:
+    tokens = x.shape[0]
+    dx = x.new_empty(tokens, d.n_in)
+    if tokens == 0:
         return dx
-    grid = lambda meta: (_cdiv(d.tokens, meta["BLOCK_T"])  # noqa: E731
-                         * _cdiv(d.n_in, meta["BLOCK_K"]),)
-    _grad_input_kernel[grid](
-        dy, experts, beta, dx, d.tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
-        *beta.stride(), dx.stride(0), _key(d.tokens), _key(d.n_out), _key(d.n_in), M=d.m,
-        ACC=d.acc, DOT=d.dot, PRECISION=d.precision, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"),
-        **({"GROUP": 8} if _INTERPRETED else {}))
+    _GRAD_INPUT.launch(
+        d, "grad_input", tokens,
+        lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_in, o["BLOCK_K"]),),
+        (dy, experts, beta, dx, tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
+         *beta.stride(), dx.stride(0)), d.gemm)
     return dx
 
 
@@ -573,31 +619,32 @@ def _row_sums(dy, d):
     return dy.sum(0).to(d.acc_torch)
 
 
-def backward(dy, x, experts, beta, bias, needs):
-    d = _dims(x, experts, beta)
-    if tuple(dy.shape) != (d.tokens, d.n_out) or dy.dtype != x.dtype or dy.device != x.device:
-        raise ValueError(f"mos_linear (triton) backward: dy must be ({d.tokens}, {d.n_out}) "
+def backward(dy, x, experts, beta, bias, needs, strategy="auto"):
+    d = _dims(x, experts, beta, strategy)
+    tokens = x.shape[0]
+    if dy.shape != (tokens, d.n_out) or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"mos_linear (triton) backward: dy must be ({tokens}, {d.n_out}) "
                          f"{x.dtype} on {x.device}, got {tuple(dy.shape)} {dy.dtype} on "
                          f"{dy.device}")
-    want_dx = bool(needs[0])
+    strategy = d.strategy(tokens)
     with _device(x):
         # The combine strategy's dx needs W_a: the weight-gradient kernel writes it from the
         # expert tiles it reads anyway, when it runs.
         weight = None
-        if want_dx and d.strategy == "combine" and (needs[1] or needs[2]):
+        if needs[0] and strategy == "combine" and (needs[1] or needs[2]):
             weight = experts.new_empty(d.n_out, d.n_in)
-        grads = _weight_side_grads(d, experts, beta, bias, needs[1:], dy=dy, x=x, weight=weight)
-        # Gradients not asked for are distinct empty tensors (outputs of an op may not alias).
+        grads = _weight_side_grads(d, strategy, tokens, experts, beta, bias, needs[1:], dy=dy,
+                                   x=x, weight=weight)
         if weight is not None:
             dx = torch.mm(dy, weight)
         else:
-            dx = _grad_input(dy, x, experts, beta, d) if want_dx else x.new_empty(0)
+            dx = _grad_input(dy, x, experts, beta, d, strategy) if needs[0] else None
         return (dx,) + grads
 
 
 def combine(experts, beta, bias, n_in):
     """W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); an empty b_a otherwise."""
-    d = _Dims(experts, beta, 0, n_in)
+    d = _problem(experts, beta, n_in, "combine")
     expert_bias = bias if bias is not None and bias.dim() == 2 else None
     with _device(experts):
         weight, mixed_bias = _combine(experts, beta, expert_bias, d)
@@ -607,8 +654,8 @@ def combine(experts, beta, bias, n_in):
 def combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs):
     """(dexperts, dbeta, dbias) from the gradients of W_a (n_out, n_in) and, for a per-expert
     bias, of b_a (n_out,): the weight-gradient epilogue with G = d_weight."""
-    d = _Dims(experts, beta, 0, d_weight.shape[1])
-    if tuple(d_weight.shape) != (d.n_out, d.n_in) or d_weight.dtype != experts.dtype:
+    d = _problem(experts, beta, d_weight.shape[1], "combine")
+    if d_weight.shape != (d.n_out, d.n_in) or d_weight.dtype != experts.dtype:
         raise ValueError(f"mos_combine (triton) backward: d_weight must be ({d.n_out}, "
                          f"{d.n_in}) {experts.dtype}, got {tuple(d_weight.shape)} "
                          f"{d_weight.dtype}")
@@ -619,25 +666,25 @@ def combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs):
                          f"of shape ({d.n_out},)")
     sums = d_mixed_bias.to(d.acc_torch).contiguous() if expert_bias is not None else None
     with _device(experts):
-        return _weight_side_grads(d, experts, beta, expert_bias, needs, product=d_weight,
-                                  sums=sums)
+        return _weight_side_grads(d, "combine", 0, experts, beta, expert_bias, needs,
+                                  product=d_weight, sums=sums)
 
 
-def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=None, sums=None,
-                       weight=None):
-    """(dexperts, dbeta, dbias) for needs = (dexperts, dbeta, dbias) wanted: from dy and x, or
-    from a given product G (n_out, n_in) and the column sums of dy (acc dtype, or None without
-    a bias that needs them). A given ``weight`` (n_out, n_in), with dexperts or dbeta wanted,
-    receives W_a."""
+def _weight_side_grads(d, strategy, tokens, experts, beta, bias, needs, dy=None, x=None,
+                       product=None, sums=None, weight=None):
+    """(dexperts, dbeta, dbias), None where not wanted (needs = (dexperts, dbeta, dbias)):
+    from dy and x, or from a given product G (n_out, n_in) and the column sums of dy (acc
+    dtype, or None without a bias that needs them). A given ``weight`` (n_out, n_in), with
+    dexperts or dbeta wanted, receives W_a."""
     want_de, want_dbeta, want_dbias = (bool(n) for n in needs)
     want_dbias = want_dbias and bias is not None
     bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
     want_s = want_dbias or (want_dbeta and bias_kind == 2)
-    de, dbeta, dbias = (experts.new_empty(0) for _ in range(3))
+    de = dbeta = dbias = None
     if not (want_de or want_dbeta or want_dbias):
         return de, dbeta, dbias
 
-    from_g = product is not None or d.strategy == "combine"
+    from_g = product is not None or strategy == "combine"
     row_sums = experts.new_empty(d.n_out, dtype=d.acc_torch)
     if want_s and from_g:
         row_sums = sums if product is not None else _row_sums(dy, d)
@@ -651,23 +698,19 @@ def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=N
             de = experts.new_empty(experts.shape)
         max_parts = _cdiv(d.n_in, _MIN_WGRAD_BLOCK_K) if want_dbeta else 0
         parts = experts.new_empty((max_parts, d.n_out, d.m), dtype=d.acc_torch)
-        chosen = {}
-
-        def grid(meta):  # the last call is the launch itself, after any autotuning
-            chosen.update(meta)
-            return (_cdiv(d.n_max if want_de else d.n_out, meta["BLOCK_N"]),
-                    _cdiv(d.k_max if want_de else d.n_in, meta["BLOCK_K"]))
-
-        _weight_grad_kernel[grid](
-            dy, x, grad_rows, experts, beta, de if want_de else grad_rows,
-            parts if want_dbeta else grad_rows, row_sums,
-            weight if weight is not None else grad_rows, d.tokens, d.n_out, d.n_in, d.n_max,
-            d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
-            *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
-            int(want_s and not from_g), _key(d.tokens), _key(d.n_out), _key(d.n_in),
-            M=d.m, ACC=d.acc, DOT=d.dot, PRECISION=d.precision, FROM_G=from_g,
-            WANT_W=weight is not None, **_tiles("BLOCK_T", "BLOCK_N", "BLOCK_K"))
-        n_parts = _cdiv(d.n_in, chosen["BLOCK_K"]) if want_dbeta else 0
+        rows, cols = (d.n_max, d.k_max) if want_de else (d.n_out, d.n_in)
+        want_s_here = want_s and not from_g
+        options = _WEIGHT_GRAD.launch(
+            d, ("weight_grad", from_g, weight is not None, want_de, want_dbeta, want_s_here),
+            tokens, lambda o: (_cdiv(rows, o["BLOCK_N"]), _cdiv(cols, o["BLOCK_K"])),
+            (dy, x, grad_rows, experts, beta, de if want_de else grad_rows,
+             parts if want_dbeta else grad_rows, row_sums,
+             weight if weight is not None else grad_rows, tokens, d.n_out, d.n_in, d.n_max,
+             d.k_max, *dy.stride(), *x.stride(), *grad_rows.stride(), *experts.stride(),
+             *beta.stride(), d.n_max * d.k_max, int(want_de), int(want_dbeta),
+             int(want_s_here)),
+            dict(d.gemm, FROM_G=from_g, WANT_W=weight is not None))
+        n_parts = _cdiv(d.n_in, options["BLOCK_K"]) if want_dbeta else 0
         assert n_parts <= max_parts
     elif want_s and not from_g:
         row_sums = _row_sums(dy, d)
@@ -678,9 +721,17 @@ def _weight_side_grads(d, experts, beta, bias, needs, dy=None, x=None, product=N
         if want_dbias:
             dbias = bias.new_empty(bias.shape)
         block = 128
-        _beta_bias_grad_kernel[(_cdiv(d.n_max, block),)](
+        _beta_bias_grad_kernel.run(
             parts if want_dbeta else row_sums, row_sums, beta, bias_ptr,
             dbeta if want_dbeta else row_sums, dbias if want_dbias else row_sums, n_parts,
             d.n_out, d.n_max, *beta.stride(), stride_bias0, stride_bias1, bias_kind,
-            int(want_dbeta), int(want_dbias), M=d.m, ACC=d.acc, BLOCK=block, num_warps=4)
+            int(want_dbeta), int(want_dbias), grid=(_cdiv(d.n_max, block),), warmup=False,
+            M=d.m, ACC=d.acc, BLOCK=block, num_warps=4)
     return de, dbeta, dbias
+
+
+if triton is not None:
+    _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared)
+    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared)
+    _WEIGHT_GRAD = _Tuned(_weight_grad_kernel, _WGRAD_CONFIGS, _wgrad_shared)
+    _COMBINE = _Tuned(_combine_kernel, _COMBINE_CONFIGS)
