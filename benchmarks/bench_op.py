@@ -4,21 +4,23 @@ Providers:
   naive    the paper's form: a Python loop over experts builds W_a, then F.linear (autograd keeps
            every temporary)
   dense    what a standard supernet does: F.linear(x, W[:n_out, :n_in], b[:n_out])
-  <fused>  every fused backend available on the device (cpu; triton, cuda), and with --strategies
-           each strategy a backend offers (e.g. triton:onepass, triton:combine)
+  <fused>  every fused backend available on the device (cpu; triton, cuda) with strategy "auto",
+           and with --strategies each strategy a backend takes, named by the strategy argument
+           (e.g. triton:one_pass, triton:combine); the table says which strategy each ran
   <fused>+saved  with --saved: the same backend with save_mixed_weight=True (W_a built once and
            kept for the backward)
 
 Modes: fwd (forward with autograd recording, as in training), bwd (backward alone), fwdbwd.
 Each repetition runs every provider once in a shuffled order; the table shows medians and the
 ratios fused/dense and naive/fused. Also times MoSLinear in eval mode with cached weights against
-an nn.Linear of the same shape. Writes JSON and a PNG plot of the ratios.
+an nn.Linear of the same shape. Writes JSON and a PNG plot of the ratios (default runs/op_<device>
+in the repository, which git ignores; --out benchmarks/results/... to keep them).
 
-    python benchmarks/bench_op.py                      # CPU, the README's table
+    python benchmarks/bench_op.py                      # CPU
+    python benchmarks/bench_op.py --saved --reps 11 --out benchmarks/results/op_cpu  # README's table
     python benchmarks/bench_op.py --device cuda --dtype bfloat16 --tokens 512 2048 4096 8192 16384
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -33,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import mos_kernels
-from mos_kernels import backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (K_max, N_max, n_in, n_out): FFN layers of the MT (HAT) and BERT (SuperShaper) spaces with
 # a mid-sized active architecture.
@@ -65,17 +68,19 @@ class Clock:
 
 
 def fused_providers(device, strategies, saved=False):
-    """(label, backend, strategy) for every fused backend that runs on the device."""
+    """(label, backend, strategy) for every fused backend that runs on the device: strategy
+    "auto", with ``saved`` also save_mixed_weight=True (label <backend>+saved), with
+    ``strategies`` also every strategy the backend takes (label <backend>:<strategy>)."""
     out = []
     for name in mos_kernels.available_backends(device):
         if name == "reference":
             continue
-        out.append((name, name, None))
+        out.append((name, name, "auto"))
         if saved:
-            out.append((f"{name}+saved", name, None))
-        module = backends.load(name)
-        if strategies and hasattr(module, "STRATEGIES"):
-            out += [(f"{name}:{s}", name, s) for s in module.STRATEGIES]
+            out.append((f"{name}+saved", name, "auto"))
+        if strategies:
+            out += [(f"{name}:{s}", name, s)
+                    for s in mos_kernels.backend_strategies(name, device) if s != "auto"]
     return out
 
 
@@ -95,7 +100,7 @@ def make_case(shape, tokens, m, dtype, device, seed=0):
         n_in=n_in, n_out=n_out)
 
 
-def forward_fn(label, backend, case):
+def forward_fn(label, backend, strategy, case):
     if label == "naive":
         return lambda: mos_kernels.reference.mos_linear(case["x"], case["experts"], case["beta"],
                                                         case["bias"])
@@ -104,30 +109,23 @@ def forward_fn(label, backend, case):
         return lambda: F.linear(case["x"], case["weight"][:n_out, :n_in],
                                 case["dense_bias"][:n_out])
     return lambda: mos_kernels.mos_linear(case["x"], case["experts"], case["beta"], case["bias"],
-                                          backend=backend,
+                                          backend=backend, strategy=strategy,
                                           save_mixed_weight=label.endswith("+saved"))
 
 
-@contextlib.contextmanager
-def strategy_of(backend, strategy):
-    """Runs the block with a fused backend's strategy forced (forward and backward alike)."""
-    if strategy is None:
-        yield
-        return
-    module = backends.load(backend)
-    saved, module.strategy = module.strategy, strategy
-    try:
-        yield
-    finally:
-        module.strategy = saved
+def plans(providers, case):
+    """{label: [backend, strategy]} that each fused provider runs for this case."""
+    return {label: list(mos_kernels.plan(case["x"], case["experts"], case["beta"], case["bias"],
+                                         backend=backend, strategy=strategy,
+                                         save_mixed_weight=label.endswith("+saved")))
+            for label, backend, strategy in providers if backend is not None}
 
 
 def bench_case(providers, case, modes, reps, iters, clock, device):
     """Median seconds per (provider, mode), and peak memory of fwdbwd on CUDA."""
     times = {(p[0], mode): [] for p in providers for mode in modes}
     peak = {}
-    fns = {p[0]: forward_fn(p[0], p[1], case) for p in providers}
-    strategies = {p[0]: (p[1], p[2]) for p in providers}
+    fns = {p[0]: forward_fn(*p, case) for p in providers}
     grads = ["x", "experts", "beta", "bias", "weight", "dense_bias"]
 
     def clear():
@@ -144,18 +142,17 @@ def bench_case(providers, case, modes, reps, iters, clock, device):
                 fwd().backward(case["dy"])
                 clear()
 
-        with strategy_of(*strategies[label]):
-            if mode == "fwd":
-                return clock(lambda: [fwd() for _ in range(iters)]) / iters
-            if mode == "fwdbwd":
-                return clock(fwdbwd) / iters
-            outputs = [fwd() for _ in range(iters)]
+        if mode == "fwd":
+            return clock(lambda: [fwd() for _ in range(iters)]) / iters
+        if mode == "fwdbwd":
+            return clock(fwdbwd) / iters
+        outputs = [fwd() for _ in range(iters)]
 
-            def bwd():
-                for y in outputs:
-                    y.backward(case["dy"])
-                    clear()
-            return clock(bwd) / iters
+        def bwd():
+            for y in outputs:
+                y.backward(case["dy"])
+                clear()
+        return clock(bwd) / iters
 
     for label in fns:  # warm-up: compilation, autotuning, allocator
         for mode in modes:
@@ -172,8 +169,7 @@ def bench_case(providers, case, modes, reps, iters, clock, device):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            with strategy_of(*strategies[label]):
-                fns[label]().backward(case["dy"])
+            fns[label]().backward(case["dy"])
             torch.cuda.synchronize()
             peak[label] = torch.cuda.max_memory_allocated() - base
             clear()
@@ -257,12 +253,13 @@ def main(argv=None):
                     help="calls per timed sample, issued back to back (default 1 on CPU, 20 on "
                          "CUDA, where one call's host work would otherwise be what is timed)")
     ap.add_argument("--strategies", action="store_true",
-                    help="also time each strategy of a fused backend")
+                    help="also time each strategy a fused backend takes (strategy argument)")
     ap.add_argument("--saved", action="store_true",
                     help="also time each fused backend with save_mixed_weight=True")
     ap.add_argument("--no-eval-cache", action="store_true")
     ap.add_argument("--out", default=None,
-                    help="prefix of the .json and .png files (default benchmarks/results/op_<device>)")
+                    help="prefix of the .json and .png files (default runs/op_<device> in the "
+                         "repository, ignored by git)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -275,13 +272,12 @@ def main(argv=None):
     if not fused:
         sys.exit(f"no fused backend runs on {device}: {mos_kernels.available_backends(device)}")
     providers = [("naive", None, None), ("dense", None, None)] + fused
-    primary = [p[0] for p in fused if p[2] is None]
+    primary = [p[0] for p in fused if p[2] == "auto"]
     env = environment(device)
     print(f"# {env['device']} | {env['date']} | commit {env['commit']} | torch {env['torch']} | "
           f"{env['threads']} threads | {dtype} | auto -> {mos_kernels.resolve_backend('auto', device)}")
 
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"op_{device.type}")
+    prefix = args.out or os.path.join(ROOT, "runs", f"op_{device.type}")
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
 
     def save(eval_rows=()):
@@ -297,10 +293,14 @@ def main(argv=None):
         for tokens in args.tokens:
             for m in args.experts:
                 case = make_case(SHAPES[name], tokens, m, dtype, device)
+                ran = plans(fused, case)
                 med, peak = bench_case(providers, case, args.modes, reps, iters, clock, device)
+                print(f"# {name} T={tokens} m={m} runs: " + ", ".join(
+                    f"{label}={strategy}" for label, (_, strategy) in ran.items()))
                 for mode in args.modes:
                     row = dict(shape=name, dims=SHAPES[name], tokens=tokens, m=m, mode=mode,
-                               median_s={p[0]: med[(p[0], mode)] for p in providers}, ratios={})
+                               median_s={p[0]: med[(p[0], mode)] for p in providers},
+                               plans=ran, ratios={})
                     for f in primary:
                         row["ratios"][f] = dict(
                             fused_over_dense=med[(f, mode)] / med[("dense", mode)],

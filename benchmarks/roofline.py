@@ -8,22 +8,24 @@ launch cost. Forms (DESIGN.md section 1):
   naive    the paper's code: a Python loop of m broadcast multiplies and adds builds W_a, then
            F.linear; backward goes through autograd, which also turns every expert's slice
            gradient into a full (m, N_max, K_max) tensor and sums those
-  fused    one pass (the "cuda" backend's fused strategy): W_a combined tile by tile on chip
+  one_pass one pass (strategy="one_pass"): W_a combined tile by tile on chip
            while the GEMM runs, never stored; dx likewise; G = dy^T x with the epilogue that
            writes dE and the dbeta partials. This is the form's floor: the cuda backend's WMMA
            kernels are latency-bound and measured far above it (--measure shows by how much)
-  gemm     combine-then-GEMM (the "cuda" backend's gemm strategy): one pass writes W_a, then the
+  combine  combine-then-GEMM (strategy="combine"): one pass writes W_a, then the
            vendor GEMM; backward: G by the vendor GEMM, then one epilogue pass that writes dE, the
            dbeta partials and W_a again (from the expert rows it reads anyway), then dx by the
            vendor GEMM
-  saved    gemm with save_mixed_weight=True: W_a kept from the forward, so the backward's
+  saved    combine with save_mixed_weight=True: W_a kept from the forward, so the backward's
            epilogue does not write it (n_out x n_in more memory until the backward)
 
-The MoS overhead is min(fused, gemm, saved) / dense. All numbers are predictions from datasheet
-peaks (PEAKS below), not measurements; with --measure, on a CUDA GPU, the script also times the
-same forms there (this repository's "cuda" backend with MOS_CUDA_STRATEGY=fused|gemm, and with
-save_mixed_weight=True; GPU time per call, the host's launch overhead hidden) and puts them
-beside the prediction for that GPU.
+The MoS overhead is min(one_pass, combine, saved) / dense. All numbers are predictions from
+datasheet peaks (PEAKS below), not measurements; with --measure, on a CUDA GPU, the script also
+times the same forms there (this repository's "cuda" backend with strategy="one_pass" and
+"combine", and with save_mixed_weight=True; the "triton" backend's strategies too where it runs:
+GPU time per call from CUDA events around many calls, the host's launch overhead hidden) and
+puts them beside the prediction for that GPU. Each measured row records the (backend, strategy)
+that ran (mos_kernels.plan).
 
     python benchmarks/roofline.py --out benchmarks/results/roofline.json
     python benchmarks/roofline.py --measure --out benchmarks/results/roofline_h100.json
@@ -33,6 +35,7 @@ import json
 import math
 import os
 import sys
+import time
 
 # Datasheet peaks, dense (no structured sparsity), SXM boards:
 #   V100 SXM2:      125 TFLOP/s fp16 tensor cores (no bf16), 15.7 TFLOP/s fp32, 900 GB/s HBM2
@@ -40,14 +43,14 @@ import sys
 #   H100 SXM5:      989 TFLOP/s fp16/bf16 tensor cores, 67 TFLOP/s fp32, 3350 GB/s HBM3
 # wmma_fraction: the share of the tensor-core peak that WMMA (mma.sync) can reach. 1 on V100 and
 # A100; on H100 the full rate needs wgmma, which WMMA does not use: 0.6 is our assumption (not a
-# datasheet figure), applied to the fused form only (the vendor GEMM uses wgmma).
+# datasheet figure), applied to the one-pass form only (the vendor GEMM uses wgmma).
 PEAKS = {
     "V100": dict(tensor=125e12, fp32=15.7e12, bandwidth=900e9, bf16=False, wmma_fraction=1.0),
     "A100": dict(tensor=312e12, fp32=19.5e12, bandwidth=2039e9, bf16=True, wmma_fraction=1.0),
     "H100": dict(tensor=989e12, fp32=67e12, bandwidth=3350e9, bf16=True, wmma_fraction=0.6),
 }
 LAUNCH_S = 4e-6  # per kernel launched from PyTorch (launch plus dispatcher), all devices
-TOKEN_TILE = 128  # tokens per block of the fused forward/dx kernels: W_a tiles are recombined
+TOKEN_TILE = 128  # tokens per block of the one-pass forward/dx kernels: W_a tiles are recombined
                   # once per token tile (from L2; charged as CUDA-core work, not DRAM bytes)
 
 # name: (K_max, N_max, n_in, n_out). MT (HAT space): d_model 512/640, FFN 1024/2048/3072, experts
@@ -112,7 +115,7 @@ def kernels(form, shape, tokens, m, backward):
             out += [Kernel(f"bias grads {i}", 0, 2 * N, 6 * N)]
         return out
     recombine = 2.0 * m * NK * math.ceil(T / TOKEN_TILE)
-    if form == "fused":
+    if form == "one_pass":
         if not backward:
             return [Kernel("one-pass forward", gemm, recombine, T * K + m * NK + T * N, wmma=True)]
         return [Kernel("one-pass dx", gemm, recombine, T * N + m * NK + T * K, wmma=True),
@@ -120,24 +123,24 @@ def kernels(form, shape, tokens, m, backward):
                 Kernel("G = dy^T x + epilogue", gemm, 3.0 * m * NK,
                        T * N + T * K + m * NK + m * NK, wmma=True),
                 Kernel("dbeta/dbias finish", 0, 0, 2 * m * N)]
-    if form in ("gemm", "saved"):
+    if form in ("combine", "saved"):
         combine = Kernel("combine W_a", 0, 2.0 * m * NK, m * NK + NK)
         if not backward:
             return [combine, Kernel("addmm", gemm, 0, T * K + NK + T * N + N)]
-        # gemm: the epilogue writes W_a again for dx from the expert rows it reads for dbeta;
+        # combine: the epilogue writes W_a again for dx from the expert rows it reads for dbeta;
         # saved: W_a kept from the forward.
-        again = 2.0 * m * NK if form == "gemm" else 0.0
+        again = 2.0 * m * NK if form == "combine" else 0.0
         return [Kernel("G = dy^T x", gemm, 0, T * N + T * K + NK),
                 Kernel("column sums of dy", 0, T * N, T * N),
                 Kernel("epilogue dE (zeros outside the slice too), dbeta partials"
-                       + (", W_a" if form == "gemm" else ""), 0, 3.0 * m * NK + again,
-                       NK + m * NK + m * full + (NK if form == "gemm" else 0)),
+                       + (", W_a" if form == "combine" else ""), 0, 3.0 * m * NK + again,
+                       NK + m * NK + m * full + (NK if form == "combine" else 0)),
                 Kernel("dx = dy W_a", gemm, 0, T * N + NK + T * K),
                 Kernel("dbeta/dbias finish", 0, 0, 2 * m * N)]
     raise ValueError(form)
 
 
-FORMS = ("dense", "naive", "fused", "gemm", "saved")
+FORMS = ("dense", "naive", "one_pass", "combine", "saved")
 
 
 def predict(device, shape, tokens, m):
@@ -148,7 +151,7 @@ def predict(device, shape, tokens, m):
         bwd = sum(k.seconds(peak) for k in kernels(form, shape, tokens, m, True))
         out[form] = dict(fwd=fwd, fwdbwd=fwd + bwd)
     for mode in ("fwd", "fwdbwd"):
-        best = min(("fused", "gemm", "saved"), key=lambda f: out[f][mode])
+        best = min(("one_pass", "combine", "saved"), key=lambda f: out[f][mode])
         out[f"best_{mode}"] = best
         out[f"overhead_{mode}"] = out[best][mode] / out["dense"][mode]
     return out
@@ -156,8 +159,10 @@ def predict(device, shape, tokens, m):
 
 # ------------------------------------------------------------------------------ measurement
 
-def measure(shapes, tokens_list, experts, dtype_name, reps):
-    """Median seconds of each form on this GPU (CUDA events), forward and forward+backward."""
+def measure(shapes, tokens_list, experts, dtype_name, reps, on_case=None, device="cuda"):
+    """Seconds per call of each form on this GPU (CUDA events), forward and forward+backward;
+    on_case(key, row) is called after each (shape, tokens, m) case. device="cpu" times the cpu
+    backend by the wall clock instead (a check of this code without a GPU)."""
     import torch
     import torch.nn.functional as F
 
@@ -168,15 +173,30 @@ def measure(shapes, tokens_list, experts, dtype_name, reps):
         import mos_kernels
 
     dtype = getattr(torch, dtype_name)
-    device = torch.device("cuda")
-    providers = ["dense", "naive", "fused", "gemm", "saved"]
-    if "triton" in mos_kernels.available_backends(device):
-        providers.append("triton")
+    device = torch.device(device)
+    # label: (backend, strategy, save_mixed_weight); the cuda backend's rows carry the model's
+    # form names, so that they sit beside its predictions.
+    providers = {"dense": None, "naive": None}
+    available = mos_kernels.available_backends(device)
+    if "cuda" in available:
+        providers.update({"one_pass": ("cuda", "one_pass", False),
+                          "combine": ("cuda", "combine", False), "saved": ("cuda", "auto", True)})
+    if "cpu" in available:
+        providers.update({"combine": ("cpu", "combine", False), "saved": ("cpu", "auto", True)})
+    if "triton" in available and device.type == "cuda":
+        providers.update({"triton:one_pass": ("triton", "one_pass", False),
+                          "triton:combine": ("triton", "combine", False)})
 
     def timed(fn):
         """GPU seconds per call: `reps` calls queued behind a GPU sleep, so that Python's launch
         overhead overlaps the sleep and the events time the kernels back to back (an upper
         bound if the host cannot queue the calls within the sleep)."""
+        if device.type == "cpu":
+            fn()
+            begin = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - begin) / reps
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(3):
             fn()
@@ -194,7 +214,7 @@ def measure(shapes, tokens_list, experts, dtype_name, reps):
         k_max, n_max, n_in, n_out = SHAPES[name]
         for tokens in tokens_list:
             for m in experts:
-                g = torch.Generator(device="cuda").manual_seed(0)
+                g = torch.Generator(device=device).manual_seed(0)
                 rand = lambda *s: torch.randn(*s, generator=g, device=device).to(dtype)
                 x = rand(tokens, n_in).requires_grad_(True)
                 dy = rand(tokens, n_out)
@@ -210,23 +230,25 @@ def measure(shapes, tokens_list, experts, dtype_name, reps):
                         return F.linear(x, weight[:n_out, :n_in], dense_bias[:n_out])
                     if provider == "naive":
                         return mos_kernels.reference.mos_linear(x, experts_t, beta, bias)
-                    if provider in ("fused", "gemm"):
-                        os.environ["MOS_CUDA_STRATEGY"] = provider
-                        return mos_kernels.mos_linear(x, experts_t, beta, bias, backend="cuda")
-                    if provider == "saved":
-                        return mos_kernels.mos_linear(x, experts_t, beta, bias, backend="cuda",
-                                                      save_mixed_weight=True)
-                    return mos_kernels.mos_linear(x, experts_t, beta, bias, backend=provider)
+                    backend, strategy, saved = providers[provider]
+                    return mos_kernels.mos_linear(x, experts_t, beta, bias, backend=backend,
+                                                  strategy=strategy, save_mixed_weight=saved)
 
                 row = {}
-                for provider in providers:
+                for provider, how in providers.items():
                     def fwdbwd():
                         forward(provider).backward(dy)
                         for t in leaves:
                             t.grad = None
                     row[provider] = dict(fwd=timed(lambda: forward(provider)), fwdbwd=timed(fwdbwd))
-                os.environ.pop("MOS_CUDA_STRATEGY", None)
+                    if how is not None:
+                        backend, strategy, saved = how
+                        row[provider]["plan"] = list(mos_kernels.plan(
+                            x, experts_t, beta, bias, backend=backend, strategy=strategy,
+                            save_mixed_weight=saved))
                 results[(name, tokens, m)] = row
+                if on_case is not None:
+                    on_case((name, tokens, m), row)
                 print(f"measured {name:20} T={tokens:>6} m={m}: " + "  ".join(
                     f"{p} {1e3 * v['fwd']:.3f}/{1e3 * v['fwdbwd']:.3f}" for p, v in row.items())
                     + " ms (fwd/fwdbwd)", flush=True)
@@ -244,10 +266,13 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=None,
                     help="shape names to print (default: a representative subset; JSON has all)")
     ap.add_argument("--measure", action="store_true", help="also time the forms on this GPU")
+    ap.add_argument("--measure-device", default="cuda",
+                    help="cuda (default), or cpu to check the measurement code without a GPU")
     ap.add_argument("--measure-shapes", nargs="+",
                     default=["mt-ffn1 d640 f3072", "mt-ffn2 d640 f3072", "bert-ffn1 h120",
                              "bert-ffn2 h768"])
     ap.add_argument("--measure-tokens", nargs="+", type=int, default=[512, 2048, 16384])
+    ap.add_argument("--measure-experts", nargs="+", type=int, default=list(EXPERTS))
     ap.add_argument("--measure-dtype", default="float16", choices=DTYPES)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -263,26 +288,40 @@ def main(argv=None):
                         rows.append(dict(device=device, dtype=dtype, shape=name, dims=shape,
                                          tokens=tokens, m=m, **predict(device, shape, tokens, m)))
 
+    def save(gpu=None):
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(peaks=PEAKS, launch_s=LAUNCH_S, token_tile=TOKEN_TILE,
+                               measured_on=gpu, rows=rows), f, indent=1)
+
     measured, gpu = {}, None
     if args.measure:
         import torch
-        if not torch.cuda.is_available():
-            sys.exit("--measure needs a CUDA GPU")
-        gpu = torch.cuda.get_device_name()
-        measured = measure(args.measure_shapes, args.measure_tokens, EXPERTS, args.measure_dtype,
-                           args.reps)
+        if args.measure_device == "cpu":
+            gpu = "cpu"
+        elif not torch.cuda.is_available():
+            sys.exit("--measure needs a CUDA GPU (or --measure-device cpu)")
+        else:
+            gpu = torch.cuda.get_device_name()
         key = device_key(gpu)
-        for (name, tokens, m), row in measured.items():
+
+        def on_case(case, row):  # written as it goes: a time limit keeps what was measured
+            name, tokens, m = case
             rows.append(dict(device=gpu, dtype=args.measure_dtype, shape=name, dims=SHAPES[name],
                              tokens=tokens, m=m, measured=row,
                              predicted=predict(key, SHAPES[name], tokens, m) if key else None))
+            save(gpu)
+
+        measured = measure(args.measure_shapes, args.measure_tokens, args.measure_experts,
+                           args.measure_dtype, args.reps, on_case, args.measure_device)
 
     shown = args.shapes or ["mt-ffn1 d512 f2048", "mt-ffn2 d512 f2048", "mt-ffn1 d640 f3072",
                             "bert-ffn1 h120", "bert-ffn1 h768", "bert-ffn2 h360"]
     print("Predicted ms (float16; bfloat16 is the same on A100/H100 and not supported on V100).")
     print("overhead = best MoS form / dense slice; naive/best = naive over best MoS form.")
     head = (f"{'device':5} {'shape':19} {'T':>6} {'m':>2} {'mode':6} {'dense':>8} {'naive':>8} "
-            f"{'fused':>8} {'gemm':>8} {'saved':>8} {'best':>5} {'overhead':>8} "
+            f"{'one_pass':>8} {'combine':>8} {'saved':>8} {'best':>8} {'overhead':>8} "
             f"{'naive/best':>10}")
     print(head)
     for r in rows:
@@ -292,7 +331,7 @@ def main(argv=None):
             best = r[f"best_{mode}"]
             print(f"{r['device']:5} {r['shape']:19} {r['tokens']:>6} {r['m']:>2} {mode:6} " +
                   " ".join(f"{1e3 * r[f][mode]:>8.3f}" for f in FORMS) +
-                  f" {best:>5} {r[f'overhead_{mode}']:>8.2f} "
+                  f" {best:>8} {r[f'overhead_{mode}']:>8.2f} "
                   f"{r['naive'][mode] / r[best][mode]:>10.2f}")
     if measured:
         print(f"\nMeasured on {gpu} ({args.measure_dtype}), GPU ms per call; predicted for "
@@ -309,10 +348,7 @@ def main(argv=None):
                 print(f"{r['shape']:19} T={r['tokens']:>6} m={r['m']} {mode:6} " + "  ".join(cells))
 
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(peaks=PEAKS, launch_s=LAUNCH_S, token_tile=TOKEN_TILE,
-                           measured_on=gpu, rows=rows), f, indent=1)
+        save(gpu)
         print(f"\nwrote {args.out}")
 
 

@@ -465,8 +465,8 @@ class _Tuned:
     def _time(self, tiles, grid_of, args, constants):
         def run():
             self.fn.run(*args, grid=grid_of(tiles), warmup=False, **constants, **tiles)
-        try:
-            return triton.testing.do_bench(run)
+        try:  # 10 + 40 ms per config, not do_bench's 25 + 100: this runs in a training step
+            return triton.testing.do_bench(run, warmup=10, rep=40)
         except Exception:  # noqa: BLE001  e.g. out of resources: not a candidate
             return float("inf")
 
