@@ -145,7 +145,8 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
     const c10::IValue& beta_sizes = ctx->saved_data["beta_sizes"];
     // Layer-wise beta went in expanded (row stride 0): its gradient is the sum over the rows,
     // as autograd's expand would give.
-    if (d_beta.defined() && !beta_sizes.isNone()) d_beta = at::sum_to(d_beta, beta_sizes.toIntVector());
+    if (d_beta.defined() && !beta_sizes.isNone())
+      d_beta = at::sum_to(d_beta, beta_sizes.toIntVector());
     return {dx, d_experts, d_beta, d_bias, Tensor(), Tensor()};
   }
 };
@@ -223,7 +224,8 @@ void router_backward_cpu(const Router& r, const scalar_t* h, const scalar_t* bet
   std::vector<acc_t> d_logits(rows), d_h(H, acc_t(0));
   for (int64_t o = 0; o < rows / m; ++o) {  // softmax backward: beta (d_beta - <d_beta, beta>)
     acc_t inner = 0;
-    for (int64_t i = 0; i < m; ++i) inner += static_cast<acc_t>(d_beta[o * m + i]) * beta[o * m + i];
+    for (int64_t i = 0; i < m; ++i)
+      inner += static_cast<acc_t>(d_beta[o * m + i]) * beta[o * m + i];
     for (int64_t i = 0; i < m; ++i) {
       const int64_t row = o * m + i;
       d_logits[row] = static_cast<scalar_t>(beta[row] * (d_beta[row] - inner));
@@ -239,8 +241,14 @@ void router_backward_cpu(const Router& r, const scalar_t* h, const scalar_t* bet
     }
   });
   if (dw1 == nullptr && db1 == nullptr) return;
-  for (int64_t row = 0; row < rows; ++row)  // dh = w2^T d_logits, then through the ReLU
-    for (int64_t j = 0; j < H; ++j) d_h[j] += static_cast<acc_t>(w2[row * H + j]) * d_logits[row];
+  // dh = w2^T d_logits (columns split across threads, each summed over the rows in order), then
+  // back through the ReLU.
+  at::parallel_for(0, H, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t j = begin; j < end; ++j)
+        d_h[j] += static_cast<acc_t>(w2[row * H + j]) * d_logits[row];
+  });
   for (int64_t j = 0; j < H; ++j) {
     const acc_t d = h[j] > scalar_t(0) ? acc_t(static_cast<scalar_t>(d_h[j])) : acc_t(0);
     if (db1 != nullptr) db1[j] = static_cast<scalar_t>(d);
@@ -254,14 +262,16 @@ std::tuple<Tensor, Tensor> router_forward(const Router& r, bool layerwise) {
   const std::vector<int64_t> beta_sizes =
       layerwise ? std::vector<int64_t>{r.m} : std::vector<int64_t>{r.rows / r.m, r.m};
   if (r.arch.is_cpu()) {
-    Tensor h = at::empty({r.w1.size(0)}, r.w1.options()), beta = at::empty(beta_sizes, r.w1.options());
+    Tensor h = at::empty({r.w1.size(0)}, r.w1.options());
+    Tensor beta = at::empty(beta_sizes, r.w1.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.w1.scalar_type(), "router", [&] {
       router_forward_cpu<scalar_t>(r, h.mutable_data_ptr<scalar_t>(),
                                    beta.mutable_data_ptr<scalar_t>());
     });
     return {h, beta};
   }
-  const Tensor h = at::relu(r.b1.defined() ? at::addmv(r.b1, r.w1, r.arch) : at::mv(r.w1, r.arch));
+  const Tensor h =
+      at::relu(r.b1.defined() ? at::addmv(r.b1, r.w1, r.arch) : at::mv(r.w1, r.arch));
   const Tensor logits = r.b2.defined() ? at::addmv(r.b2, r.w2, h) : at::mv(r.w2, h);
   return {h, at::softmax(logits.narrow(0, 0, r.rows).view(beta_sizes), -1)};
 }
@@ -273,10 +283,12 @@ std::array<Tensor, 4> router_backward(const Router& r, const Tensor& h, const Te
   if (r.arch.is_cpu()) {
     const Tensor d_beta_c = contiguous(d_beta);
     const Tensor* like[4] = {&r.w1, &r.b1, &r.w2, &r.b2};
-    for (int i = 0; i < 4; ++i) if (wants[i]) out[i] = at::empty(like[i]->sizes(), like[i]->options());
+    for (int i = 0; i < 4; ++i)
+      if (wants[i]) out[i] = at::empty(like[i]->sizes(), like[i]->options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.w1.scalar_type(), "router", [&] {
       auto ptr = [](Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-      router_backward_cpu<scalar_t>(r, h.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
+      router_backward_cpu<scalar_t>(r, h.const_data_ptr<scalar_t>(),
+                                    beta.const_data_ptr<scalar_t>(),
                                     d_beta_c.const_data_ptr<scalar_t>(), ptr(out[0]), ptr(out[1]),
                                     ptr(out[2]), ptr(out[3]));
     });
@@ -284,8 +296,10 @@ std::array<Tensor, 4> router_backward(const Router& r, const Tensor& h, const Te
   }
   // Back through the softmax, the slice and view, the second linear, the ReLU and the first
   // linear, as autograd would go through the module's router.
-  Tensor d_logits = at::_softmax_backward_data(d_beta, beta, -1, beta.scalar_type()).reshape({-1});
-  if (r.rows < r.w2.size(0)) d_logits = at::constant_pad_nd(d_logits, {0, r.w2.size(0) - r.rows});
+  Tensor d_logits =
+      at::_softmax_backward_data(d_beta, beta, -1, beta.scalar_type()).reshape({-1});
+  if (r.rows < r.w2.size(0))
+    d_logits = at::constant_pad_nd(d_logits, {0, r.w2.size(0) - r.rows});
   if (wants[2]) out[2] = at::outer(d_logits, h);
   if (wants[3]) out[3] = d_logits;
   if (wants[0] || wants[1]) {
@@ -371,7 +385,8 @@ struct RoutedNode : public torch::autograd::Function<RoutedNode> {
     TORCH_CHECK_VALUE(
         r.m >= 1 && r.m <= 64 && r.arch.dim() == 1 && r.w1.dim() == 2 && r.w2.dim() == 2 &&
             r.w1.size(1) == r.arch.size(0) && r.w2.size(1) == r.w1.size(0) &&
-            r.w2.size(0) == scores && (!r.b1.defined() || r.b1.sizes() == r.w1.sizes().slice(0, 1)) &&
+            r.w2.size(0) == scores &&
+            (!r.b1.defined() || r.b1.sizes() == r.w1.sizes().slice(0, 1)) &&
             (!r.b2.defined() || r.b2.sizes() == r.w2.sizes().slice(0, 1)),
         "routed_linear: the router does not fit the experts");
   }

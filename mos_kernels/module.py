@@ -42,8 +42,9 @@ class MoSLinear(nn.Module):
 
     With the cpu or cuda backend (eager, no autocast, save_mixed_weight off, the router the stock
     Linear, ReLU, Linear without hooks), the router and the op run as one autograd node whose
-    backward runs in C++ (``mos_kernels_ext::routed_linear``): the same kernels and the same
-    router arithmetic, a fraction of the host time of the router's own autograd nodes.
+    backward runs in C++ (``_C.routed_linear``, csrc/mos_linear_autograd.cpp): the same kernels
+    and the router's arithmetic (in plain loops on the CPU, equal up to rounding), for a fraction
+    of the host time of the router's own autograd nodes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -158,7 +159,8 @@ class MoSLinear(nn.Module):
         if type(router) is not nn.Sequential or len(router._modules) != 3 or arch.requires_grad:
             return None
         first, act, second = router._modules.values()
-        if type(first) is not nn.Linear or type(act) is not nn.ReLU or type(second) is not nn.Linear:
+        if (type(first) is not nn.Linear or type(act) is not nn.ReLU
+                or type(second) is not nn.Linear):
             return None
         for module in (router, first, act, second):
             if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
