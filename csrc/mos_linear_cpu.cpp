@@ -292,8 +292,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
   return {d_x, d_experts, d_beta, d_bias};
 }
 
-// W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); an empty b_a otherwise (a shared
-// bias is sliced by the caller: an op's outputs may not alias its inputs).
+// W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); b_a undefined (None in Python)
+// otherwise (a shared bias is sliced by the caller: an op's outputs may not alias its inputs).
 std::tuple<Tensor, Tensor> combine_cpu(const Tensor& experts, const Tensor& beta,
                                        const c10::optional<Tensor>& bias, int64_t n_in) {
   const Dims d = check_mixture(experts, beta, bias, 0, n_in);
@@ -302,7 +302,7 @@ std::tuple<Tensor, Tensor> combine_cpu(const Tensor& experts, const Tensor& beta
                                          "mos_combine", [&] {
     const c10::optional<Tensor> mixed = expert_bias ? bias : c10::nullopt;
     auto [weight, mixed_bias] = combine<scalar_t>(experts, beta, mixed, d);
-    return std::make_tuple(weight, expert_bias ? mixed_bias : experts.new_empty({0}));
+    return std::make_tuple(weight, expert_bias ? mixed_bias : Tensor());
   });
 }
 

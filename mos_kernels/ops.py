@@ -318,7 +318,9 @@ class _EagerCombine(torch.autograd.Function):
 @torch.library.custom_op("mos_kernels::mos_combine", mutates_args=())
 def _mos_combine(experts: Tensor, beta: Tensor, bias: Optional[Tensor], n_in: int,
                  backend: str) -> Tuple[Tensor, Tensor]:
-    return tuple(backends.load(backend).combine(experts, beta, bias, n_in))
+    weight, mixed_bias = backends.load(backend).combine(experts, beta, bias, n_in)
+    # A custom op returns tensors: an empty b_a where the backend has none (no per-expert bias).
+    return weight, experts.new_empty(0) if mixed_bias is None else mixed_bias
 
 
 @_mos_combine.register_fake

@@ -253,7 +253,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(const Tensor& dy, const
   return {d_x, out.d_experts, out.d_beta, out.d_bias};
 }
 
-// W_a and, for a per-expert bias, b_a (an empty b_a otherwise), as combine_cpu.
+// W_a and, for a per-expert bias, b_a (undefined otherwise), as combine_cpu.
 std::tuple<Tensor, Tensor> combine_cuda(const Tensor& experts, const Tensor& beta,
                                         const c10::optional<Tensor>& bias, int64_t n_in) {
   const Dims d = check_mixture(experts, beta, bias, 0, n_in);
@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor> combine_cuda(const Tensor& experts, const Tensor& bet
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(experts.get_device()).stream();
   const bool expert_bias = bias.has_value() && bias->dim() == 2;
   auto [weight, mixed_bias] = combined(experts, beta, expert_bias ? bias : c10::nullopt, d, stream);
-  return {weight, expert_bias ? mixed_bias : experts.new_empty({0})};
+  return {weight, expert_bias ? mixed_bias : Tensor()};
 }
 
 // The weight-side gradients from those of W_a and b_a, as combine_backward_cpu: the gemm

@@ -10,8 +10,8 @@ with x (T, n_in), beta (n_out, m) (row stride 0 for layer-wise MoS), y (T, n_out
 "auto", "one_pass" or "combine" (mos_kernels.ops checks what each backend takes); `needs` says
 which of the gradients to compute, the others come back as None. Gradients are contiguous and
 have the shapes of their inputs (dexperts zero outside the active slice).
-combine gives W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,) (an empty b_a for other
-bias forms); combine_backward maps the gradients of W_a and b_a (d_mixed_bias, read only for a
+combine gives W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,) (None for other bias
+forms); combine_backward maps the gradients of W_a and b_a (d_mixed_bias, read only for a
 per-expert bias) to those of the experts, beta and the per-expert bias (mos_linear's
 save_mixed_weight path).
 """

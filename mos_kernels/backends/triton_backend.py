@@ -643,12 +643,12 @@ def backward(dy, x, experts, beta, bias, needs, strategy="auto"):
 
 
 def combine(experts, beta, bias, n_in):
-    """W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); an empty b_a otherwise."""
+    """W_a (n_out, n_in) and, for a per-expert bias, b_a (n_out,); None otherwise."""
     d = _problem(experts, beta, n_in, "combine")
     expert_bias = bias if bias is not None and bias.dim() == 2 else None
     with _device(experts):
         weight, mixed_bias = _combine(experts, beta, expert_bias, d)
-    return weight, mixed_bias if mixed_bias is not None else experts.new_empty(0)
+    return weight, mixed_bias
 
 
 def combine_backward(d_weight, d_mixed_bias, experts, beta, bias, needs):
