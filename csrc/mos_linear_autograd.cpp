@@ -17,6 +17,7 @@
 // argument (and which runs the same kernels where the input is valid).
 #include <torch/extension.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -95,6 +96,11 @@ Tensor flat(const Tensor& x, int64_t n_in) {
   return x.dim() == 2 ? x : x.reshape({-1, n_in});
 }
 
+// The output's gradient as (tokens, n_out).
+Tensor as_rows(const Tensor& dy, int64_t tokens, int64_t n_out) {
+  return dy.dim() == 2 ? dy : dy.reshape({tokens, n_out});
+}
+
 Tensor shaped_like(const Tensor& y2d, const Tensor& x, int64_t n_out) {
   if (x.dim() == 2) return y2d;
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
@@ -134,7 +140,7 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x2d = saved[0], &experts = saved[1], &beta_rows = saved[2], &bias = saved[3];
-    const Tensor dy = grads[0].reshape({x2d.size(0), beta_rows.size(0)});
+    const Tensor dy = as_rows(grads[0], x2d.size(0), beta_rows.size(0));
     const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                     ctx->needs_input_grad(2),
                                     bias.defined() && ctx->needs_input_grad(3)};
@@ -262,8 +268,9 @@ std::tuple<Tensor, Tensor> router_forward(const Router& r, bool layerwise) {
   const std::vector<int64_t> beta_sizes =
       layerwise ? std::vector<int64_t>{r.m} : std::vector<int64_t>{r.rows / r.m, r.m};
   if (r.arch.is_cpu()) {
-    Tensor h = at::empty({r.w1.size(0)}, r.w1.options());
-    Tensor beta = at::empty(beta_sizes, r.w1.options());
+    // at::detail::empty_cpu: no trip through the dispatcher for these small outputs.
+    Tensor h = at::detail::empty_cpu({r.w1.size(0)}, r.w1.scalar_type());
+    Tensor beta = at::detail::empty_cpu(beta_sizes, r.w1.scalar_type());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.w1.scalar_type(), "router", [&] {
       router_forward_cpu<scalar_t>(r, h.mutable_data_ptr<scalar_t>(),
                                    beta.mutable_data_ptr<scalar_t>());
@@ -284,7 +291,7 @@ std::array<Tensor, 4> router_backward(const Router& r, const Tensor& h, const Te
     const Tensor d_beta_c = contiguous(d_beta);
     const Tensor* like[4] = {&r.w1, &r.b1, &r.w2, &r.b2};
     for (int i = 0; i < 4; ++i)
-      if (wants[i]) out[i] = at::empty(like[i]->sizes(), like[i]->options());
+      if (wants[i]) out[i] = at::detail::empty_cpu(like[i]->sizes(), like[i]->scalar_type());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, r.w1.scalar_type(), "router", [&] {
       auto ptr = [](Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
       router_backward_cpu<scalar_t>(r, h.const_data_ptr<scalar_t>(),
@@ -355,7 +362,7 @@ struct RoutedNode : public torch::autograd::Function<RoutedNode> {
                                     ctx->needs_input_grad(e_w2),
                                     r.b2.defined() && ctx->needs_input_grad(e_w2 + 1)};
     const bool want_router = wants[0] || wants[1] || wants[2] || wants[3];
-    const Tensor dy = grads[0].reshape({x2d.size(0), n_out});
+    const Tensor dy = as_rows(grads[0], x2d.size(0), n_out);
     auto [dx, d_experts, d_beta, d_bias] = call_backward(
         dy, x2d, experts, layerwise ? beta.expand({n_out, m}) : beta, bias,
         {ctx->needs_input_grad(0), ctx->needs_input_grad(1), want_router,

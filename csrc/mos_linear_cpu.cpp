@@ -11,6 +11,7 @@
 // The module's Python bindings are in csrc/mos_linear_autograd.cpp.
 #include <torch/extension.h>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -57,6 +58,12 @@ void advise_huge_pages(const Tensor& t) {
 struct Dims {
   int64_t tokens, n_out, n_in, m, n_max, k_max;
 };
+
+// A fresh CPU tensor without a trip through the dispatcher (the kernels below allocate several
+// per call; at small sizes that is a measurable share of the host time).
+Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_cpu(sizes, dtype);
+}
 
 // The mixture's checks; x (tokens, n_in) is checked by check().
 Dims check_mixture(const Tensor& experts, const Tensor& beta, const c10::optional<Tensor>& bias,
@@ -136,7 +143,7 @@ std::pair<Tensor, Tensor> combine(const Tensor& experts_in, const Tensor& beta,
   using acc_t = at::opmath_type<scalar_t>;
   const Tensor experts = experts_in.stride(2) == 1 ? experts_in : experts_in.contiguous();
   const Tensor beta_acc = beta_as_acc<scalar_t>(beta);
-  Tensor weight = at::empty({d.n_out, d.n_in}, experts.options());
+  Tensor weight = new_cpu({d.n_out, d.n_in}, experts.scalar_type());
   const scalar_t* E = experts.const_data_ptr<scalar_t>();
   const acc_t* B = beta_acc.const_data_ptr<acc_t>();
   scalar_t* W = weight.mutable_data_ptr<scalar_t>();
@@ -153,7 +160,7 @@ std::pair<Tensor, Tensor> combine(const Tensor& experts_in, const Tensor& beta,
   } else if (bias.has_value()) {
     const Tensor bias_c = bias->contiguous();
     const scalar_t* Bias = bias_c.const_data_ptr<scalar_t>();
-    mixed_bias = at::empty({d.n_out}, experts.options());
+    mixed_bias = new_cpu({d.n_out}, experts.scalar_type());
     scalar_t* b_a = mixed_bias.mutable_data_ptr<scalar_t>();
     for (int64_t o = 0; o < d.n_out; ++o) {
       acc_t acc = 0;
@@ -240,14 +247,14 @@ std::tuple<Tensor, Tensor, Tensor> weight_side_grads(const Tensor& grad_rows,
                                                      const Dims& d, bool want_e, bool want_beta,
                                                      bool want_bias, Tensor weight = Tensor()) {
   const auto acc_type = c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value;
-  Tensor e_out = want_e ? at::empty(experts.sizes(), experts.options()) : Tensor();
+  Tensor e_out = want_e ? new_cpu(experts.sizes(), experts.scalar_type()) : Tensor();
   if (e_out.defined()) advise_huge_pages(e_out);
-  Tensor beta_out =
-      want_beta ? at::empty({d.n_out, d.m}, beta.options().dtype(acc_type)) : Tensor();
-  Tensor bias_out = want_bias ? at::empty(bias->sizes(), bias->options()) : Tensor();
+  Tensor beta_out = want_beta ? new_cpu({d.n_out, d.m}, acc_type) : Tensor();
+  Tensor bias_out = want_bias ? new_cpu(bias->sizes(), bias->scalar_type()) : Tensor();
   weight_grad_epilogue<scalar_t>(grad_rows, row_sums, experts, beta_as_acc<scalar_t>(beta), bias,
                                  d, e_out, beta_out, bias_out, weight);
-  return {e_out, want_beta ? beta_out.to(beta.scalar_type()) : beta_out, bias_out};
+  if (want_beta && acc_type != beta.scalar_type()) beta_out = beta_out.to(beta.scalar_type());
+  return {e_out, beta_out, bias_out};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const Tensor& x,
@@ -273,9 +280,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
     }
     // The column sums of dy: read for the bias gradient, and for dbeta with a per-expert bias.
     const bool expert_bias = bias.has_value() && bias->dim() == 2;
-    const Tensor row_sums = want_bias || (needs[2] && expert_bias)
-                                ? dy.sum(0, /*keepdim=*/false, acc_type).contiguous()
-                                : Tensor();
+    Tensor row_sums;
+    if (want_bias || (needs[2] && expert_bias))
+      row_sums = std::is_same_v<scalar_t, acc_t> ? at::sum(dy, 0)
+                                                 : dy.sum(0, /*keepdim=*/false, acc_type);
     Tensor grad_rows;  // G = dy^T x in the accumulation type, (n_out, n_in)
     if (needs[1] || needs[2]) {
       grad_rows = std::is_same_v<scalar_t, acc_t> ? at::mm(dy.t(), x)
@@ -284,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& dy, const 
     }
     // dx needs W_a again: the epilogue rebuilds it row by row while those expert rows are in
     // cache for dbeta, instead of a separate pass over the m expert slices.
-    Tensor weight = needs[0] ? at::empty({d.n_out, d.n_in}, experts.options()) : Tensor();
+    Tensor weight = needs[0] ? new_cpu({d.n_out, d.n_in}, experts.scalar_type()) : Tensor();
     std::tie(d_experts, d_beta, d_bias) = weight_side_grads<scalar_t>(
         grad_rows, row_sums, experts, beta, bias, d, needs[1], needs[2], want_bias, weight);
     if (needs[0]) d_x = at::mm(dy, weight);
