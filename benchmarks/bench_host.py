@@ -111,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--shape", nargs=4, type=int, default=[16, 16, 4, 2],
                     metavar=("K", "N", "T", "M"), help="in, out features, tokens, experts")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--reps", type=int, default=400, help="interleaved repetitions")
+    ap.add_argument("--reps", type=int, default=1000, help="interleaved repetitions")
     ap.add_argument("--inner", type=int, default=None,
                     help="calls per sample (default 1 on CPU, 20 on CUDA)")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
