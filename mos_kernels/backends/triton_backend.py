@@ -17,9 +17,10 @@ Two strategies, picked per call by the ``strategy`` argument of forward and back
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
 a fixed order (no float atomics), so gradients are bit-identical from run to run for a given tile
-configuration (and, for "combine", as deterministic as cuBLAS is). The autotuner picks the tile
-configuration by timing, once per shape key (sizes bucketed to powers of two) and process; small
-problems and the interpreter use one fixed configuration.
+configuration (and, for "combine", as deterministic as cuBLAS is). The tile configuration is
+picked by timing, once per problem key (sizes bucketed to powers of two) and process (_Tuned,
+not triton.autotune: its per-call key cost more host time than the launch); small problems and
+the interpreter use one fixed configuration.
 
 Precision: fp16 and bf16 inputs are combined and accumulated in fp32; the combined weight tile is
 rounded to the input dtype for the tensor-core dot. fp64 inputs use fp64 throughout. fp32 inputs
