@@ -195,8 +195,11 @@ def mos_linear(x: Tensor, experts: Tensor, beta: Tensor, bias: Optional[Tensor] 
     if name in _NATIVE and not save_mixed_weight and not torch.compiler.is_compiling():
         try:
             return _C.linear(x, experts, beta, bias, out_features, strategy)
-        except Exception:  # noqa: BLE001  the path below raises the contract's error, if any
-            pass
+        except (TypeError, ValueError):
+            # The C++ checks are terse: the contract's own checks name the argument. Input they
+            # accept is input the C++ node should have run, so its error then stands.
+            check_inputs(x, experts, beta, bias, out_features)
+            raise
     dims = check_inputs(x, experts, beta, bias, out_features)
     if name == "reference":  # builds W_a and keeps it for the backward anyway
         return reference.mos_linear(x, experts, beta, bias, out_features=out_features)
