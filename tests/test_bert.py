@@ -3,6 +3,7 @@ sandwich training, resume, and the command line. Small spaces and data so each r
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -16,8 +17,9 @@ from mos_models.bert.export import load_exported, save_exported
 from mos_models.bert.model import BertSupernet, param_count
 from mos_models.bert.space import (HomogeneousSpace, SuperShaperSpace, get_space,
                                    space_from_dict)
-from mos_models.bert.train import RunConfig, load_run, train
-from mos_models.common import latest_checkpoint, load_checkpoint, sample_archs, sandwich_step
+from mos_models.bert.train import BertConfig, load_run, train
+from mos_models.common import (TrainConfig, latest_checkpoint, load_checkpoint, sample_archs,
+                               sandwich_step)
 
 MICRO = {
     "supershaper": SuperShaperSpace(backbone=32, num_layers=3, hidden_choices=(8, 16, 24, 32),
@@ -249,27 +251,32 @@ def test_sandwich_step_sums_the_three_gradients():
     assert losses[0] != losses[1]
 
 
-def _cfg(data_dir, **kw):
-    base = dict(data=data_dir, supernet="neuron", seq_len=32, batch_size=4, steps=6,
-                warmup_steps=2, router_hidden=16, checkpoint_minutes=1e9,
-                space_def=MICRO["supershaper"].to_dict())
+def _train(data_dir, out, task=None, **kw):
+    """BERT training on a micro SuperShaper space: ``task`` overrides BertConfig, ``kw``
+    TrainConfig."""
+    config = dict(data=data_dir, supernet="neuron", seq_len=32, batch_size=4, router_hidden=16,
+                  space_def=MICRO["supershaper"].to_dict())
+    config.update(task or {})
+    base = dict(out=str(out), max_steps=6, warmup_steps=2, device="cpu", progress=False)
     base.update(kw)
-    return RunConfig(**base)
+    return train(BertConfig(**config), TrainConfig(**base), log=lambda *a: None)
 
 
 @pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: the loss scaler's state resumes too
 def test_resume_continues_exactly(data_dir, tmp_path, amp):
-    quiet = lambda *a: None  # noqa: E731
-    train(_cfg(data_dir, amp=amp), str(tmp_path / "straight"), device="cpu", log=quiet)
-    train(_cfg(data_dir, amp=amp), str(tmp_path / "killed"), device="cpu", log=quiet, stop_at=3)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _train(data_dir, straight, amp=amp, save_every=3)
+    killed.mkdir()
+    for name in ("config.json", "checkpoint_3.pt"):
+        shutil.copy(straight / name, killed / name)  # as if killed right after step 3
+    (killed / "checkpoint_5.pt").write_text("not a checkpoint")  # nor is the newest readable
     with pytest.raises(FileExistsError, match="--resume"):
-        train(_cfg(data_dir, amp=amp), str(tmp_path / "killed"), device="cpu", log=quiet)
-    metrics = train(_cfg(data_dir, amp=amp), str(tmp_path / "killed"), resume=True,
-                    device="cpu", log=quiet)
+        _train(data_dir, killed, amp=amp, save_every=3)
+    metrics = _train(data_dir, killed, amp=amp, save_every=3, resume=True)
     assert metrics["step"] == 6
-    a, _, step_a = load_run(str(tmp_path / "straight"))
-    b, _, step_b = load_run(str(tmp_path / "killed"))
-    assert step_a == step_b == 6
+    a, run_a = load_run(str(straight))
+    b, run_b = load_run(str(killed))
+    assert run_a.step == run_b.step == 6
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
     extras = [load_checkpoint(latest_checkpoint(str(tmp_path / run)))["extra"]
@@ -278,14 +285,13 @@ def test_resume_continues_exactly(data_dir, tmp_path, amp):
 
 
 def test_save_mixed_weight_trains_like_the_fused_op(data_dir, tmp_path):
-    quiet = lambda *a: None  # noqa: E731
-    train(_cfg(data_dir), str(tmp_path / "fused"), device="cpu", log=quiet)
-    train(_cfg(data_dir, save_mixed_weight=True), str(tmp_path / "saved"), device="cpu",
-          log=quiet)
-    a, _, _ = load_run(str(tmp_path / "fused"))
-    b, cfg, _ = load_run(str(tmp_path / "saved"))
-    layers = [m for m in b.modules() if isinstance(m, MoSLinear)]
-    assert cfg.save_mixed_weight and layers and all(m.save_mixed_weight for m in layers)
+    _train(data_dir, tmp_path / "fused")
+    trained = _train(data_dir, tmp_path / "saved", save_mixed_weight=True)["model"]
+    a, _ = load_run(str(tmp_path / "fused"))
+    b, run = load_run(str(tmp_path / "saved"))
+    layers = [m for m in trained.modules() if isinstance(m, MoSLinear)]
+    assert run.config["train"]["save_mixed_weight"] and layers
+    assert all(m.save_mixed_weight for m in layers)
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
@@ -298,7 +304,7 @@ def test_cli_pipeline(data_dir, tmp_path):
     cli(["evaluate", "--run", run, "--arch", "smallest", "--json", out + "/eval.json"])
     ev = json.load(open(out + "/eval.json"))
     assert ev["vocab_size"] == 300 and ev["perplexity"] > 1
-    model, cfg, _ = load_run(run)
+    model, _ = load_run(run)
     budget = (model.param_count(model.space.smallest()) + model.param_count()) // 2
     cli(["search", "--run", run, "--max-params", str(budget), "--iterations", "2",
          "--population", "6", "--parents", "3", "--mutations", "3", "--crossovers", "3",
@@ -326,5 +332,5 @@ def test_ddp_two_processes(data_dir, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout + done.stderr
-    _, _, step = load_run(run)
-    assert step == 2
+    _, trained = load_run(run)
+    assert trained.step == 2

@@ -1,9 +1,12 @@
 """Tests of mos_models.common: elastic layers, checkpoints, evolution, training helpers, DDP."""
 import io
+import json
 import os
 import random
 import socket
+from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,12 +14,13 @@ from torch import nn
 
 import mos_kernels
 from mos_kernels import reference
-from mos_models.common import (ElasticEmbedding, ElasticLayerNorm, ElasticLinear, EvolutionConfig,
-                               GeneSpace, MixedPrecision, ProgressBar, arch_rng,
-                               evolutionary_search, fused_adam_options, latest_checkpoint,
-                               load_training_state, measure_latency, sample_archs, sandwich_step,
-                               save_checkpoint, save_training_state, set_backend, trimmed_mean,
-                               warmup_cosine, warmup_cosine_factor)
+from mos_models.common import (CheckpointError, ElasticEmbedding, ElasticLayerNorm, ElasticLinear,
+                               EvolutionConfig, GeneSpace, MixedPrecision, Task, TrainConfig,
+                               arch_rng, evolutionary_search, fused_adam_options,
+                               latest_checkpoint, load_checkpoint, load_run, load_training_state,
+                               lr_factor, measure_latency, progress_bar, sample_archs,
+                               sandwich_step, save_checkpoint, save_training_state, set_backend,
+                               train, trimmed_mean, warmup_cosine, warmup_cosine_factor)
 from mos_models.common import checkpoint as ckpt_module
 
 FUSED = [b for b in mos_kernels.available_backends("cpu") if b != "reference"]
@@ -90,6 +94,12 @@ def test_set_backend_switches_every_layer_and_keeps_outputs():
         outputs[backend] = model(x)
     for y in outputs.values():
         torch.testing.assert_close(y, outputs["reference"], rtol=1e-5, atol=1e-5)
+    for strategy in mos_kernels.STRATEGIES:  # the strategy reaches every MoSLinear
+        set_backend(model, "auto", strategy=strategy)
+        assert all(layer.strategy == strategy and layer.mos.strategy == strategy
+                   for layer in model)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        set_backend(model, "auto", strategy="fastest")
 
 
 @pytest.mark.parametrize("kind", ["standard", "neuron", "layer"])
@@ -194,16 +204,73 @@ def test_training_state_round_trip_and_keep(tmp_path):
     model2 = nn.Linear(3, 2)
     opt2 = torch.optim.Adam(model2.parameters(), lr=0.1)
     sched2 = warmup_cosine(opt2, 2, 10)
+    np_after_save = np.random.rand(3)
     info = load_training_state(tmp_path, model2, opt2, sched2)
     assert info["step"] == 3 and info["extra"] == {"position": 21}
     torch.testing.assert_close(torch.rand(3), after_save[0])
     assert random.random() == after_save[1]
+    assert np.array_equal(np.random.rand(3), np_after_save)  # numpy's state, as tensors
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q)
     assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
     torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"],
                                opt.state_dict()["state"][0]["exp_avg"])
     assert load_training_state(tmp_path / "empty", model2) is None
+
+
+class Smuggled:
+    """Stands for any pickled object: loading it would run code of the file's choosing."""
+
+
+@pytest.mark.parametrize("payload", [Smuggled(), np.arange(3)], ids=["object", "ndarray"])
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(tmp_path, payload):
+    path = tmp_path / "checkpoint_1.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": payload}, path)
+    with pytest.raises(CheckpointError, match="holds pickled Python objects, which are not loaded"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="checkpoint_1.pt"):  # names the file
+        load_training_state(tmp_path, nn.Linear(2, 1), log=lambda m: None)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_resume_skips_an_unreadable_newest_checkpoint(tmp_path, damage):
+    torch.manual_seed(7)
+    model = nn.Linear(3, 2)
+    save_training_state(tmp_path, 1, model, extra={"seconds": 1.0})
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    newest = save_training_state(tmp_path, 2, model)
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[:200])
+    else:
+        newest.write_text("not a checkpoint at all\n")
+    logged = []
+    restored = nn.Linear(3, 2)
+    info = load_training_state(tmp_path, restored, log=logged.append)
+    assert info["step"] == 1 and info["extra"] == {"seconds": 1.0}
+    assert len(logged) == 1 and "checkpoint_2.pt" in logged[0]
+    assert "not a complete checkpoint" in logged[0]
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, expected[key])
+    (tmp_path / "checkpoint_1.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint could be loaded"):
+        load_training_state(tmp_path, restored, log=lambda m: None)
+
+
+def test_gene_space_parses_every_arch_spec(tmp_path):
+    space = GeneSpace({"a": [1, 2, 4], "b": [3, 5]})
+    assert space.parse("largest") == {"a": 4, "b": 5}
+    assert space.parse("smallest") == {"a": 1, "b": 3}
+    assert space.parse({"a": 2, "b": 3}) == {"a": 2, "b": 3}
+    assert space.parse('{"a": 2, "b": 5}') == {"a": 2, "b": 5}
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps({"arch": {"a": 4, "b": 3}, "valid_loss": 1.0}))
+    assert space.parse(str(path)) == {"a": 4, "b": 3}
+    with pytest.raises(ValueError, match="not one of"):
+        space.parse('{"a": 3, "b": 5}')
+    with pytest.raises(ValueError, match="none of largest, smallest"):
+        space.parse("biggest")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +331,12 @@ class ToySupernet(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))
+
+    def compile_units(self):
+        return [self.fc1, self.fc2]
+
+    def hparams(self):
+        return {}
 
 
 def _toy_loss(x, y):
@@ -330,10 +403,21 @@ def test_warmup_cosine_and_progress_bar():
     assert warmup_cosine_factor(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine_factor(99, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
     stream = io.StringIO()
-    bar = ProgressBar(10, "train", stream=stream, log_interval=0.0)
-    bar.update(3, loss=1.5)
+    bar = progress_bar(10, "train", file=stream)
+    bar.update(3)
+    bar.set_postfix(loss=1.5)
     bar.close()
     assert "3/10" in stream.getvalue() and "loss=1.5" in stream.getvalue()
+
+
+def test_the_one_schedule_counts_steps_or_time():
+    for step in (0, 3, 12, 20, 99):  # without a time budget: warmup + cosine over the steps
+        assert lr_factor(step, 4, 20, 0.1) == warmup_cosine_factor(step, 4, 20, 0.1)
+    assert lr_factor(2, 4, 20, time_fraction=0.9) == pytest.approx(0.75)  # warmup: real steps
+    # after the warmup the cosine follows whichever is further along, steps or time
+    assert lr_factor(12, 4, 20, time_fraction=0.1) == pytest.approx(0.5)
+    assert lr_factor(5, 4, 20, time_fraction=0.6) == pytest.approx(warmup_cosine_factor(12, 4, 20))
+    assert lr_factor(5, 4, 20, 0.02, time_fraction=1.0) == pytest.approx(0.02)
 
 
 def test_timing_helpers():
@@ -396,3 +480,97 @@ def test_fused_adam_where_torch_has_it():
     assert not torch.equal(before, model.weight)
     assert fused_adam_options([torch.zeros(2, device="meta")]) == {}
     assert fused_adam_options([]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the training core, with a task as small as a task can be
+
+@dataclass
+class ToyConfig:
+    examples: int = 64
+
+
+class ToyTask(Task):
+    """Regression on fixed random data: what a model family gives the training core."""
+
+    name = "toy"
+    config_class = ToyConfig
+    model_from_config = staticmethod(lambda model_config: ToySupernet())
+
+    def train_defaults(self):
+        return {"max_steps": 12, "lr": 1e-2, "warmup_steps": 2}
+
+    def setup(self, info, cfg, log):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(self.config.examples, 5, generator=g)
+        self.y = torch.randn(self.config.examples, 2, generator=g)
+
+    def build_model(self):
+        return ToySupernet()
+
+    def batch(self, step):
+        start = (step * 8) % self.config.examples
+        return self.x[start:start + 8].clone(), self.y[start:start + 8].clone()
+
+    def loss(self, model, batch, arch, shared):
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    def evaluate(self, model):
+        model.set_arch(model.space.largest())
+        with torch.no_grad():
+            return {"valid_mse": float(F.mse_loss(model(self.x), self.y))}
+
+
+def _logged(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_training_core_runs_a_task_and_resumes_it_exactly(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = train(ToyTask(ToyConfig()), TrainConfig(str(straight), seed=5, save_every=4,
+                                                     log_every=1, progress=False),
+                   log=lambda m: None)
+    assert result["step"] == 12 and "valid_mse" in result
+    config = json.loads((straight / "config.json").read_text())
+    assert config["format"] == "mos-run/1" and config["task"] == "toy"
+    assert config["train"]["max_steps"] == 12 and config["train"]["lr"] == 1e-2  # task defaults
+    assert json.loads((straight / "metrics.json").read_text())["step"] == 12
+    records = _logged(straight)
+    assert [r["step"] for r in records[:-1]] == list(range(1, 13)) and "final" in records[-1]
+    assert all(len(r["losses"]) == 3 for r in records[:-1])  # sandwich: three architectures
+    assert records[0]["lr"] == pytest.approx(0.5e-2)  # warmup over two steps
+    killed.mkdir()
+    for name in ("config.json", "checkpoint_8.pt"):
+        (killed / name).write_bytes((straight / name).read_bytes())
+    train(ToyTask(ToyConfig()), TrainConfig(str(killed), resume=True, log_every=1,
+                                            progress=False),
+          log=lambda m: None)  # the run's own seed and steps win over these defaults
+    model, run = load_run(killed, ToyTask)
+    expected, _ = load_run(straight, ToyTask)
+    assert run.step == 12 and run.task_config == ToyConfig()
+    for (name, p), q in zip(model.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert [r["losses"] for r in _logged(killed)[:-1]] == [r["losses"] for r in records[8:-1]]
+
+
+def test_compile_trains_and_compiles_each_block_size_once(tmp_path):
+    """--compile compiles the model's blocks (compile_units), one graph per block size: the
+    architectures of a second run, drawn from another seed, compile nothing new. aot_eager:
+    dynamo's and AOTAutograd's graphs (forward and backward) without code generation."""
+    def run(name, seed, compile):
+        out = tmp_path / name
+        result = train(ToyTask(ToyConfig()), TrainConfig(str(out), seed=seed, log_every=1,
+                                                          progress=False, compile=compile,
+                                                          compile_backend="aot_eager"),
+                       log=lambda m: None)
+        return result, [r["losses"] for r in _logged(out)[:-1]]
+
+    compiled, compiled_losses = run("compiled", 1, True)
+    _, eager_losses = run("eager", 1, False)
+    sizes = len(ToySupernet.space.genes["hidden"])
+    assert 0 < compiled["compiled_graphs"] <= 2 * sizes  # fc1 and fc2 at three widths each
+    for a, b in zip(compiled_losses, eager_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    again, _ = run("again", 2, True)
+    assert again["compiled_graphs"] == 0
+    assert not hasattr(compiled["model"].fc1, "_orig_mod")  # evaluated and returned eagerly

@@ -17,7 +17,8 @@ from mos_models.mt.data import (BOS, EOS, PAD, Tokenizer, build_corpus, clean_pa
                                 epoch_batches, load_split, make_batches, read_lines, read_mo)
 from mos_models.mt.export import load_static
 from mos_models.mt.model import loss_fn
-from mos_models.mt.train import TrainArgs, train
+from mos_models.common import TrainConfig
+from mos_models.mt.train import MTConfig, load_run, train
 from mos_models.mt.translate import beam_search
 
 MICRO = PRESETS["micro"].space
@@ -304,27 +305,38 @@ def test_one_sandwich_step_trains_every_part():
 # ---------------------------------------------------------------------------------------------
 # training, resume, DDP, search, CLI
 
-def _train_args(data, out, **kw):
-    base = dict(data=str(data), out=str(out), preset="micro", max_steps=4, save_every=2,
-                progress=False, seed=3)
+def _train(data, out, task=None, log=lambda m: None, **kw):
+    """MT training on the micro preset: ``task`` overrides MTConfig, ``kw`` TrainConfig."""
+    base = dict(out=str(out), max_steps=4, save_every=2, progress=False, seed=3)
     base.update(kw)
-    return TrainArgs(**base)
+    return train(MTConfig(data=str(data), preset="micro", **(task or {})), TrainConfig(**base),
+                 log=log)
 
 
 @pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: the loss scaler's state resumes too
 def test_resume_continues_exactly_where_a_killed_run_stopped(corpus, tmp_path, amp):
     data = corpus[0]
     straight = tmp_path / "straight"
-    train(_train_args(data, straight, amp=amp), log=lambda m: None)
+    _train(data, straight, amp=amp)
     killed = tmp_path / "killed"
     killed.mkdir()
-    for name in ("run.pt", "run.json", "spm.model", "checkpoint_2.pt"):
+    for name in ("config.json", "spm.model", "checkpoint_2.pt"):
         shutil.copy(straight / name, killed / name)  # as if killed right after step 2
-    result = train(_train_args(data, killed, resume=True, amp=amp), log=lambda m: None)
+    # and the next checkpoint was cut short (a full disk): --resume says so, takes step 2's
+    (killed / "checkpoint_3.pt").write_bytes((straight / "checkpoint_4.pt").read_bytes()[:999])
+    with pytest.raises(FileExistsError, match="--resume"):
+        _train(data, killed, amp=amp)
+    logged = []
+    result = _train(data, killed, resume=True, amp=amp, log=logged.append)
     assert result["step"] == 4
+    assert any("skipping checkpoint_3.pt" in m and "not a complete checkpoint" in m
+               for m in logged), logged
+    assert any("resumed from" in m and "checkpoint_2.pt at step 2" in m for m in logged), logged
+    assert sorted(p.name for p in killed.glob("checkpoint_*")) == [
+        "checkpoint_2.pt", "checkpoint_3.pt.unreadable", "checkpoint_4.pt"]
     a = load_checkpoint(straight / "checkpoint_4.pt")
     b = load_checkpoint(killed / "checkpoint_4.pt")
-    assert a["extra"]["position"] == b["extra"]["position"]
+    assert a["step"] == b["step"] == 4
     assert a["extra"]["scaler"] == b["extra"]["scaler"]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
@@ -343,8 +355,7 @@ def _ddp_train(rank, port, data, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from mos_models.common import cleanup_distributed
-    result = train(_train_args(data, out, max_steps=2, save_every=100, max_tokens=128),
-                   log=lambda m: None)
+    result = _train(data, out, {"max_tokens": 128}, max_steps=2, save_every=100)
     torch.save({n: p.detach().clone() for n, p in result["model"].named_parameters()},
                os.path.join(out, f"rank{rank}.pt"))
     cleanup_distributed()
@@ -356,7 +367,7 @@ def test_two_process_ddp_training_step(corpus, tmp_path):
                                                             str(out)), nprocs=2,
                                           start_method="fork")
     state = load_checkpoint(out / "checkpoint_2.pt")
-    assert state["step"] == 2 and json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert state["step"] == 2 and json.loads((out / "config.json").read_text())["world_size"] == 2
     ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     torch.manual_seed(3)  # the training seed: the same initial weights
     init = dict(MTSupernet(ranks[0]["embedding.weight"].shape[0], MICRO, "neuron")
@@ -384,6 +395,15 @@ def test_cli_translate_export_and_search(corpus, tmp_path):
     cli(["translate", "--model", str(tmp_path / "model"), "--data", str(data),
          "--json", str(out2), "--beam", "2"])
     assert json.loads(out2.read_text())["arch"]["decoder_layers"] == 2
+    exported = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert exported["format"] == "mos-export/1" and exported["source"]["step"] == 2
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    more = tmp_path / "more"  # the exported model, trained further on its own
+    cli(["train", "--data", str(data), "--out", str(more), "--from-model",
+         str(tmp_path / "model"), "--max-steps", "2", "--no-progress"])
+    static, run_more = load_run(more)
+    assert isinstance(static, StaticTransformer) and run_more.step == 2
+    assert "valid_loss" in json.loads((more / "metrics.json").read_text())
     search_json = tmp_path / "search.json"
     cli(["search", "--run", str(run), "--latency-ms", "1000", "0.000001", "--json",
          str(search_json), "--latency-samples", "6", "--runs", "2", "--warmup", "1",
@@ -397,3 +417,20 @@ def test_cli_translate_export_and_search(corpus, tmp_path):
     arch_file = tmp_path / "search.arch_1000ms.json"
     cli(["export", "--run", str(run), "--arch", str(arch_file), "--out", str(tmp_path / "m2")])
     assert load_static(tmp_path / "m2").arch == json.loads(arch_file.read_text())["arch"]
+
+
+def test_compile_trains_the_micro_preset_with_a_bounded_graph_count(corpus, tmp_path):
+    """--compile compiles attention and FFN blocks (MTSupernet.compile_units), one graph per
+    block size, however many architectures the sandwich draws. Backend "eager": dynamo's graph
+    capture and guards (what decides the count) without code generation, which takes minutes."""
+    result = _train(corpus[0], tmp_path / "compiled", max_steps=2, compile=True,
+                    compile_backend="eager")
+    eager = _train(corpus[0], tmp_path / "eager", max_steps=2)
+    assert result["step"] == 2
+    for key in ("valid_loss_largest", "valid_loss_smallest"):
+        assert result[key] == pytest.approx(eager[key], rel=1e-4)
+    c = MICRO
+    embeds, heads = len(c.embed_choices), len(c.head_choices)
+    ffn_sizes = embeds * len(c.ffn_choices)
+    attention_sizes = 2 * embeds * heads + embeds * embeds * heads  # self (enc, dec), cross
+    assert 0 < result["compiled_graphs"] <= ffn_sizes + attention_sizes

@@ -17,15 +17,15 @@ and one LN after the last layer. No token-type embeddings and no pooler: the mod
 pretrained by MLM only (no next-sentence task).
 """
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mos_models.common import ElasticEmbedding, ElasticLayerNorm, ElasticLinear
+from ..common.elastic import ElasticEmbedding, ElasticLayerNorm, ElasticLinear
 from .data import PAD
-from .space import Layout
+from .space import Layout, space_from_dict
 
 IGNORE = -100
 
@@ -129,6 +129,11 @@ class BertMLM(nn.Module):
     def pre_norm(self) -> bool:
         return self.ln_final is not None
 
+    def compile_units(self) -> List[nn.Module]:
+        """The blocks --compile compiles one by one (mos_models.common.compile): the layers,
+        whose graphs depend on one layer's sizes (hidden, heads, FFN), not the architecture."""
+        return list(self.layers)
+
     @staticmethod
     def static(vocab_size: int, max_len: int, layout: Layout, bottleneck: bool,
                dropout: float = 0.1, pre_norm: bool = False) -> "BertMLM":
@@ -215,6 +220,7 @@ class BertSupernet(BertMLM):
                          std(e, e), ElasticLayerNorm(e), torch.zeros(vocab_size), dropout,
                          ElasticLayerNorm(e) if pre_norm else None)
         self.space, self.supernet, self.vocab_size = space, supernet, vocab_size
+        self.num_experts, self.router_hidden = num_experts, router_hidden
         self.apply(_bert_init)
         self.arch = None
         self.set_arch(space.largest())
@@ -243,6 +249,13 @@ class BertSupernet(BertMLM):
             layer.ffn2.set_arch(encoding, ffn, hidden)
         self.arch = self.space.validate(arch)
         return self
+
+    def hparams(self) -> Dict:
+        """What ``build_supernet`` needs to rebuild this supernet (runs keep it)."""
+        return {"space": self.space.to_dict(), "vocab_size": self.vocab_size,
+                "max_len": self.max_len, "supernet": self.supernet,
+                "num_experts": self.num_experts, "router_hidden": self.router_hidden,
+                "dropout": self.dropout, "pre_norm": self.pre_norm}
 
     def layout(self, arch=None) -> Layout:
         return self.space.layout(self.arch if arch is None else arch)
@@ -277,6 +290,27 @@ class BertSupernet(BertMLM):
                         self.head_ln.to_layer_norm(), self.out_bias.detach().clone(),
                         self.dropout, norm(self.ln_final))
         return model.eval()
+
+
+def build_supernet(hparams: Dict) -> BertSupernet:
+    """The supernet of ``BertSupernet.hparams()``."""
+    h = dict(hparams)
+    return BertSupernet(space_from_dict(h.pop("space")), h.pop("vocab_size"), h.pop("max_len"),
+                        **h)
+
+
+def static_hparams(model: BertMLM, layout: Layout, bottleneck: bool) -> Dict:
+    """What ``build_static`` needs to rebuild a static BertMLM (exports keep it)."""
+    return {"vocab_size": model.tok.num_embeddings, "max_len": model.max_len,
+            "embed_dim": layout.embed_dim, "layers": [list(l) for l in layout.layers],
+            "bottleneck": bool(bottleneck), "pre_norm": model.pre_norm, "dropout": model.dropout}
+
+
+def build_static(hparams: Dict) -> BertMLM:
+    h = hparams
+    layout = Layout(h["embed_dim"], tuple(tuple(l) for l in h["layers"]))
+    return BertMLM.static(h["vocab_size"], h["max_len"], layout, h["bottleneck"], h["dropout"],
+                          h.get("pre_norm", False))
 
 
 def perplexity(loss_sum: float, count: int) -> float:

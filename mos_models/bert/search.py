@@ -4,13 +4,15 @@ the inherited (supernet) weights over the architectures whose static sub-network
 import math
 import time
 
-from mos_models.common import EvolutionConfig, evolutionary_search
+from ..common.evolution import EvolutionConfig, evolutionary_search
 from .train import load_run, masked_valid, mlm_perplexity
 
 
 def search(run_dir: str, max_params: int, config: EvolutionConfig = None, device="cpu",
            valid_blocks: int = None, log=print) -> dict:
-    model, cfg, step = load_run(run_dir, device)
+    config = config or EvolutionConfig()
+    model, run = load_run(run_dir, device, log)
+    cfg = run.task_config
     space = model.space
     smallest = model.param_count(space.smallest())
     if smallest > max_params:
@@ -32,10 +34,9 @@ def search(run_dir: str, max_params: int, config: EvolutionConfig = None, device
             f"{math.exp(best_loss):.3f} with {model.param_count(best_arch):,} params "
             f"({time.monotonic() - start:.0f}s)")
 
-    config = config or EvolutionConfig()
     result = evolutionary_search(space, fitness, within_budget, config, on_iteration=report)
     return {"arch": result.best, "params": model.param_count(result.best),
             "perplexity": math.exp(result.best_fitness), "max_params": int(max_params),
             "history": [math.exp(h) for h in result.history], "evaluated": result.evaluated,
-            "space": space.name, "supernet": cfg.supernet, "step": step,
+            "space": space.name, "supernet": cfg.supernet, "step": run.step,
             "valid_blocks": int(inputs.shape[0])}

@@ -16,7 +16,7 @@ which is all the model needs to select its sub-network and all an exported model
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
-from mos_models.common import GeneSpace
+from ..common.evolution import GeneSpace
 
 Arch = Dict[str, object]
 

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mos_kernels import MoSLinear
+from mos_kernels import BACKENDS, STRATEGIES, MoSLinear
 from mos_kernels.module import linear_from
 
 KINDS = ("standard", "neuron", "layer")
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 def _check_active(owner: str, name: str, value: Optional[int], maximum: int) -> int:
@@ -47,13 +46,16 @@ class ElasticLinear(nn.Module):
         num_experts, router_hidden: MoS settings (m and the router's hidden width).
         backend: op backend for the MoS kinds: "auto" (fused where available) or "reference"
             (the naive loop), or a named fused backend. Changeable later via ``set_backend``.
+        strategy: the op's strategy for the MoS kinds ("auto", "one_pass" or "combine"; see
+            mos_kernels.mos_linear). Changeable later via ``set_backend``.
 
     Until ``set_arch`` is called the layer is at full size with an all-ones encoding.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  kind: str = "neuron", arch_dim: int = 10, num_experts: int = 2,
-                 router_hidden: int = 128, backend: str = "auto", device=None, dtype=None):
+                 router_hidden: int = 128, backend: str = "auto", strategy: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"ElasticLinear: kind must be one of {KINDS}, got {kind!r}")
@@ -75,7 +77,7 @@ class ElasticLinear(nn.Module):
             self.mos = MoSLinear(in_features, out_features, bias, num_experts=num_experts,
                                  granularity=kind, arch_dim=arch_dim,
                                  router_hidden=router_hidden, backend=backend, **factory)
-        self.set_backend(backend)
+        self.set_backend(backend, strategy=strategy)
 
     def reset_parameters(self) -> None:
         if self.mos is not None:
@@ -90,17 +92,20 @@ class ElasticLinear(nn.Module):
     def backend(self) -> str:
         return self._backend
 
-    def set_backend(self, backend: str,
-                    save_mixed_weight: Optional[bool] = None) -> "ElasticLinear":
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    def set_backend(self, backend: str, save_mixed_weight: Optional[bool] = None,
+                    strategy: Optional[str] = None) -> "ElasticLinear":
         """Op backend of the MoS kinds ("auto", "reference", or a fused backend's name), and
-        MoSLinear's save_mixed_weight option (None: unchanged)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"ElasticLinear: backend must be one of {BACKENDS}, got {backend!r}")
+        MoSLinear's save_mixed_weight and strategy options (None: unchanged)."""
+        _check_op_options("ElasticLinear", backend, strategy)
         self._backend = backend
+        if strategy is not None:
+            self._strategy = strategy
         if self.mos is not None:
-            self.mos.backend = backend
-            if save_mixed_weight is not None:
-                self.mos.save_mixed_weight = bool(save_mixed_weight)
+            _configure_mos(self.mos, backend, save_mixed_weight, strategy)
         return self
 
     def set_arch(self, encoding: Union[Tensor, Sequence[float], None] = None,
@@ -156,7 +161,7 @@ class ElasticLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"kind={self.kind!r}, active=({self.active_in}, {self.active_out}), "
-                f"backend={self._backend!r}")
+                f"backend={self._backend!r}, strategy={self._strategy!r}")
 
 
 class ElasticEmbedding(nn.Embedding):
@@ -208,11 +213,31 @@ class ElasticLayerNorm(nn.LayerNorm):
         return out
 
 
-def set_backend(module: nn.Module, backend: str,
-                save_mixed_weight: Optional[bool] = None) -> nn.Module:
-    """Sets the op backend (and, unless None, save_mixed_weight) of every ElasticLinear inside
-    ``module``; returns ``module``."""
+def _check_op_options(owner: str, backend: str, strategy: Optional[str]) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"{owner}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def _configure_mos(layer: MoSLinear, backend: str, save_mixed_weight: Optional[bool],
+                   strategy: Optional[str]) -> None:
+    layer.backend = backend
+    if save_mixed_weight is not None:
+        layer.save_mixed_weight = bool(save_mixed_weight)
+    if strategy is not None:
+        layer.strategy = strategy
+
+
+def set_backend(module: nn.Module, backend: str, save_mixed_weight: Optional[bool] = None,
+                strategy: Optional[str] = None) -> nn.Module:
+    """Sets the op backend (and, unless None, save_mixed_weight and the strategy) of every
+    ElasticLinear and every MoSLinear inside ``module`` (a supernet built from either); returns
+    ``module``."""
+    _check_op_options("set_backend", backend, strategy)
     for layer in module.modules():
         if isinstance(layer, ElasticLinear):
-            layer.set_backend(backend, save_mixed_weight)
+            layer.set_backend(backend, save_mixed_weight, strategy)
+        elif isinstance(layer, MoSLinear):
+            _configure_mos(layer, backend, save_mixed_weight, strategy)
     return module

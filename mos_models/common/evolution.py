@@ -12,9 +12,11 @@ probability ``mutation_prob``) and ``crossovers`` children (each gene from one o
 parents); children failing the constraint are redrawn. The search is deterministic for a seed,
 and each distinct architecture's fitness is computed once.
 """
+import json
+import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 Arch = Dict[str, Any]
 
@@ -49,6 +51,26 @@ class GeneSpace:
         if extra:
             raise ValueError(f"architecture has unknown genes {sorted(extra)}")
         return self.canonical(arch)
+
+    def parse(self, spec: Union[str, os.PathLike, Arch]) -> Arch:
+        """The architecture a user names: "largest", "smallest", a dict, inline JSON
+        ('{"gene": value, ...}'), or a JSON file holding one (or {"arch": {...}}, as the searches
+        write). The one parser of every command's ``--arch``; the result is validated."""
+        if isinstance(spec, dict):
+            arch = spec
+        elif spec in ("largest", "smallest"):
+            return self.largest() if spec == "largest" else self.smallest()
+        elif isinstance(spec, str) and spec.lstrip().startswith("{"):
+            arch = json.loads(spec)
+        else:
+            if not os.path.isfile(spec):
+                raise ValueError(f"architecture {str(spec)!r} is none of largest, smallest, "
+                                 "inline JSON or a JSON file")
+            with open(spec) as f:
+                arch = json.load(f)
+        if isinstance(arch.get("arch"), dict):   # a search result
+            arch = arch["arch"]
+        return self.validate(arch)
 
     def sample(self, rng: random.Random) -> Arch:
         return self.canonical({name: rng.choice(c) for name, c in self.genes.items()})

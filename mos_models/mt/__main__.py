@@ -1,9 +1,9 @@
-"""Command line: python -m mos_models.mt data|train|translate|search|export ...
+"""Command line: python -m mos_models.mt (or mos-mt) data|train|translate|search|export ...
 
     data      --lang LANG --out DIR
     train     --data DIR --out RUN --preset tiny [--supernet neuron|layer|standard]
               [--sampling sandwich|spos] [--max-minutes N] [--resume] [--from-model DIR]
-              [--amp off|bf16|fp16]
+              [--amp off|bf16|fp16] [--compile] [--backend B] [--strategy S]
     translate (--run RUN --arch largest|smallest|ARCH.json | --model DIR --data DIR)
               --split test --json OUT.json
     search    --run RUN --latency-ms X [Y ...] --json OUT.json
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..common import cli
+
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -30,45 +32,40 @@ def cmd_data(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from .train import TrainArgs, train
-    args = TrainArgs(data=a.data, out=a.out, preset=a.preset, supernet=a.supernet,
-                     sampling=a.sampling, max_minutes=a.max_minutes, max_steps=a.max_steps,
-                     max_tokens=a.max_tokens, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
-                     resume=a.resume, backend=a.backend,
-                     save_mixed_weight=a.save_mixed_weight, device=a.device, amp=a.amp,
-                     save_every=a.save_every, from_model=a.from_model,
-                     progress=not a.no_progress)
-    train(args, log=_log)
+    from .train import MTConfig, train
+    config = MTConfig(data=a.data, preset=a.preset, supernet=a.supernet,
+                      max_tokens=a.max_tokens, num_experts=a.num_experts,
+                      router_hidden=a.router_hidden, from_model=a.from_model)
+    train(config, cli.train_config(a), log=_log)
+
+
+def _translation_model(a, device):
+    """(model, data directory, tokenizer) of ``translate``'s --run/--arch or --model/--data."""
+    from .data import Tokenizer
+    if a.run:
+        from .train import load_run
+        model, run = load_run(a.run, device, log=_log)
+        if hasattr(model, "space"):
+            model.set_arch(model.space.parse(a.arch))
+        return model, a.data or run.task_config.data, Tokenizer(Path(a.run) / "spm.model")
+    if not a.data:
+        raise SystemExit("translate: --model needs --data")
+    from .export import load_static
+    return load_static(a.model, device), a.data, Tokenizer(Path(a.model) / "spm.model")
 
 
 def cmd_translate(a) -> None:
-    from .config import describe, resolve_arch
-    from .data import Tokenizer, detect_lang, load_split
+    from .config import describe
+    from .data import detect_lang, load_split
     from .translate import evaluate_bleu
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    arch = None
-    if a.run:
-        from .train import load_run
-        model, run = load_run(a.run, device)
-        data = a.data or run["data"]
-        tokenizer = Tokenizer(Path(a.run) / "spm.model")
-        if hasattr(model, "space"):
-            arch = resolve_arch(model.space, a.arch)
-            model.set_arch(arch)
-        else:
-            arch = model.arch
-    else:
-        if not a.data:
-            raise SystemExit("translate: --model needs --data")
-        from .export import load_static
-        model = load_static(a.model, device)
-        data, arch = a.data, model.arch
-        tokenizer = Tokenizer(Path(a.model) / "spm.model")
+    model, data, tokenizer = _translation_model(a, device)
     model.to(device).eval()
     src, _, refs = load_split(data, a.split, tokenizer, detect_lang(data))
     result = evaluate_bleu(model, tokenizer, src, refs, a.beam, a.lenpen, device, a.limit)
     hypotheses = result.pop("hypotheses")
-    result.update(split=a.split, arch=arch, description=describe(arch), data=str(data))
+    result.update(split=a.split, arch=model.arch, description=describe(model.arch),
+                  data=str(data))
     if a.output:
         Path(a.output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     with open(a.json, "w") as f:
@@ -78,72 +75,41 @@ def cmd_translate(a) -> None:
 
 
 def cmd_search(a) -> None:
-    from ..common.evolution import EvolutionConfig
     from .search import run_search
-    config = EvolutionConfig(iterations=a.iterations, population=a.population,
-                             parents=a.parents, mutations=a.mutations,
-                             mutation_prob=a.mutation_prob, crossovers=a.crossovers,
-                             seed=a.seed)
     timing = {"warmup": a.warmup, "runs": a.runs, "src_len": a.src_len, "tgt_len": a.tgt_len}
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run_search(a.run, a.latency_ms, a.json, a.latency_samples, a.valid_sentences, config,
-               device, timing, log=_log)
+    run_search(a.run, a.latency_ms, a.json, a.latency_samples, a.valid_sentences,
+               cli.evolution_config(a), device, timing, log=_log)
 
 
 def cmd_export(a) -> None:
-    from .export import export_run
+    from .train import export_run
     export_run(a.run, a.arch, a.out, log=_log)
 
 
-def parser() -> argparse.ArgumentParser:
+def _train_parser(sub) -> None:
     from .config import PRESETS
-    p = argparse.ArgumentParser(prog="python -m mos_models.mt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("data", help="build a parallel corpus from gettext catalogs")
-    d.add_argument("--lang", default="de")
-    d.add_argument("--out", required=True)
-    d.add_argument("--locale-dir", default="/usr/share/locale")
-    d.add_argument("--valid-fraction", type=float, default=0.03)
-    d.add_argument("--test-fraction", type=float, default=0.03)
-    d.add_argument("--max-chars", type=int, default=300)
-    d.add_argument("--vocab-size", type=int, default=8000)
-    d.set_defaults(func=cmd_data)
-
     t = sub.add_parser("train", help="train a supernet (or a static model further)")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    t.add_argument("--supernet", default="neuron", choices=["neuron", "layer", "standard"])
-    t.add_argument("--sampling", default="sandwich", choices=["sandwich", "spos"])
-    t.add_argument("--max-minutes", type=float, default=None)
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--max-tokens", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--warmup-steps", type=int, default=None)
-    t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--backend", default="auto",
-                   choices=["auto", "reference", "cpu", "triton", "cuda"])
-    t.add_argument("--save-mixed-weight", action="store_true",
-                   help="MoS layers keep W_a from the forward for the backward: one combine "
-                        "less per layer and step, n_out x n_in more memory per layer")
-    t.add_argument("--device", default=None)
-    t.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="mixed precision: autocast forward passes (fp16 adds loss scaling)")
-    t.add_argument("--save-every", type=int, default=200)
+    t.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per batch and process (default: the preset's)")
     t.add_argument("--from-model", default=None,
                    help="an exported model directory to train further on its own")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=cmd_train)
+    cli.add_supernet_flags(t)
+    cli.add_budget_flags(t, seed=1)
+    cli.add_runtime_flags(t)
+    t.set_defaults(func=cmd_train, save_every=200)
 
+
+def _translate_parser(sub) -> None:
     r = sub.add_parser("translate", help="beam search and BLEU")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--run")
     src.add_argument("--model")
-    r.add_argument("--arch", default="largest")
+    r.add_argument("--arch", default="largest",
+                   help="largest | smallest | ARCH.json | inline JSON (with --run)")
     r.add_argument("--data", default=None)
     r.add_argument("--split", default="test")
     r.add_argument("--json", required=True)
@@ -154,19 +120,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_translate)
 
+
+def _search_parser(sub) -> None:
     s = sub.add_parser("search", help="latency-constrained evolutionary search")
     s.add_argument("--run", required=True)
     s.add_argument("--latency-ms", type=float, nargs="+", required=True)
     s.add_argument("--json", required=True)
     s.add_argument("--latency-samples", type=int, default=100)
     s.add_argument("--valid-sentences", type=int, default=300)
-    s.add_argument("--iterations", type=int, default=30)
-    s.add_argument("--population", type=int, default=125)
-    s.add_argument("--parents", type=int, default=25)
-    s.add_argument("--mutations", type=int, default=50)
-    s.add_argument("--mutation-prob", type=float, default=0.3)
-    s.add_argument("--crossovers", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
+    cli.add_evolution_flags(s)
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--runs", type=int, default=10)
     s.add_argument("--src-len", type=int, default=30)
@@ -174,9 +136,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_search)
 
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mos_models.mt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_threads_flag(p, top_level=True)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="build a parallel corpus from gettext catalogs")
+    d.add_argument("--lang", default="de")
+    d.add_argument("--out", required=True)
+    d.add_argument("--locale-dir", default="/usr/share/locale")
+    d.add_argument("--valid-fraction", type=float, default=0.03)
+    d.add_argument("--test-fraction", type=float, default=0.03)
+    d.add_argument("--max-chars", type=int, default=300)
+    d.add_argument("--vocab-size", type=int, default=8000)
+    d.set_defaults(func=cmd_data)
+    _train_parser(sub)
+    _translate_parser(sub)
+    _search_parser(sub)
     e = sub.add_parser("export", help="export an architecture as a static Transformer")
     e.add_argument("--run", required=True)
-    e.add_argument("--arch", default="largest")
+    e.add_argument("--arch", default="largest",
+                   help="largest | smallest | ARCH.json | inline JSON")
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
     return p
@@ -184,8 +165,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     args.func(args)
 
 

@@ -133,7 +133,7 @@ class MTSpace(GeneSpace):
         return super().validate(arch)
 
     def encode(self, arch: Arch) -> List[float]:
-        """The router's 10 numbers, each divided by its maximum (DESIGN.md section 3)."""
+        """The router's 10 numbers, each divided by its maximum (docs/design.md)."""
         c = self.config
         n_enc, n_dec = arch["encoder_layers"], arch["decoder_layers"]
 
@@ -154,21 +154,6 @@ class MTSpace(GeneSpace):
 
 
 ARCH_DIM = 10
-
-
-def resolve_arch(space: MTSpace, spec) -> Arch:
-    """'largest', 'smallest', a dict, or a path to a JSON file holding an architecture (or
-    {"arch": {...}} as written by search)."""
-    import json
-    if isinstance(spec, dict):
-        return space.validate(spec)
-    if spec == "largest":
-        return space.largest()
-    if spec == "smallest":
-        return space.smallest()
-    with open(spec) as f:
-        loaded = json.load(f)
-    return space.validate(loaded.get("arch", loaded))
 
 
 def describe(arch: Arch) -> str:

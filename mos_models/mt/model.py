@@ -189,6 +189,11 @@ class Transformer(nn.Module):
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         return self.decode(tgt_in, self.encode(src))
 
+    def compile_units(self) -> List[nn.Module]:
+        """The blocks --compile compiles one by one (mos_models.common.compile): attention and
+        FFN blocks, whose graphs depend on a few sizes each, not on the whole architecture."""
+        return [m for m in self.modules() if isinstance(m, (Attention, FeedForward))]
+
 
 def loss_fn(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
             reduction: str = "mean") -> Tensor:

@@ -21,13 +21,13 @@ from torch import nn
 from ..common.evolution import Arch, EvolutionConfig, evolutionary_search
 from ..common.timing import trimmed_mean, time_runs
 from .config import describe
-from .data import BOS, EOS, Tokenizer, load_split, make_batches
+from .data import BOS, EOS, Tokenizer, detect_lang, load_split, make_batches
 from .model import MTSupernet, Transformer
 from .train import evaluate_loss, load_run
 
 
 @torch.no_grad()
-def measure_latency(model: Transformer, vocab_size: int, src_len: int = 30, tgt_len: int = 30,
+def decode_latency(model: Transformer, vocab_size: int, src_len: int = 30, tgt_len: int = 30,
                     warmup: int = 3, runs: int = 10, trim: float = 0.1, device="cpu") -> float:
     """Milliseconds to encode one ``src_len``-token sentence and decode ``tgt_len`` tokens."""
     model.eval()
@@ -59,8 +59,7 @@ class LatencyPredictor(nn.Module):
     def fit(self, encodings: torch.Tensor, latencies: torch.Tensor, steps: int = 500,
             lr: float = 1e-2, seed: int = 0) -> "LatencyPredictor":
         """Full-batch Adam on the relative squared error. Few steps on purpose: with ~100
-        architectures, longer fits overfit (held-out error 13-20% at 2000 steps vs 8-12% at
-        500 on the tiny space's measurements)."""
+        architectures, longer fits overfit (the held-out error grows with the steps)."""
         torch.manual_seed(seed)
         for layer in self.net:
             if isinstance(layer, nn.Linear):
@@ -98,7 +97,7 @@ def measure_space(supernet: MTSupernet, count: int, seed: int = 0, device="cpu",
     records = []
     for i, arch in enumerate(archs):
         static = supernet.export(arch).to(device)
-        ms = measure_latency(static, supernet.vocab_size, device=device, **timing)
+        ms = decode_latency(static, supernet.vocab_size, device=device, **timing)
         records.append({"arch": arch, "latency_ms": ms})
         if (i + 1) % 20 == 0 or i + 1 == len(archs):
             log(f"  measured {i + 1}/{len(archs)} architectures")
@@ -121,30 +120,73 @@ def fit_predictor(supernet: MTSupernet, records: List[Dict], holdout: float = 0.
     return LatencyPredictor().fit(enc, lat, seed=seed).eval(), error
 
 
-def run_search(run_dir, limits_ms: Sequence[float], out_json, samples: int = 100,
-               valid_sentences: int = 300, config: Optional[EvolutionConfig] = None,
-               device="cpu", timing: Optional[Dict] = None, log=print) -> Dict:
-    run_dir = Path(run_dir)
-    supernet, run = load_run(run_dir, device)
-    if not isinstance(supernet, MTSupernet):
-        raise ValueError(f"search: {run_dir} holds a static model, not a supernet")
-    config = config or EvolutionConfig()
-    timing = dict(timing or {})
-    tokenizer = Tokenizer(run_dir / "spm.model")
-
-    cache_file = run_dir / f"latency_{torch.device(device).type}.json"
-    records = []
+def cached_latencies(supernet: MTSupernet, cache_file: Path, samples: int, timing: Dict,
+                     device, log=print) -> List[Dict]:
+    """``samples`` latency measurements, from ``cache_file`` when it holds enough made with the
+    same timing settings, else measured now and written there."""
     if cache_file.exists():
         with open(cache_file) as f:
             cached = json.load(f)
         if cached.get("timing") == timing and len(cached["records"]) >= samples:
-            records = cached["records"][:samples]
-            log(f"using {len(records)} latency measurements from {cache_file}")
-    if not records:
-        log(f"measuring the latency of {samples} architectures on {device}")
-        records = measure_space(supernet, samples, device=device, log=log, **timing)
-        with open(cache_file, "w") as f:
-            json.dump({"timing": timing, "records": records}, f)
+            log(f"using {samples} latency measurements from {cache_file}")
+            return cached["records"][:samples]
+    log(f"measuring the latency of {samples} architectures on {device}")
+    records = measure_space(supernet, samples, device=device, log=log, **timing)
+    with open(cache_file, "w") as f:
+        json.dump({"timing": timing, "records": records}, f)
+    return records
+
+
+def _search_limit(supernet: MTSupernet, limit: float, fitness, predict, config, fastest: float,
+                  device, timing: Dict, out_json, log=print) -> Dict:
+    """The best architecture whose predicted latency is at most ``limit`` ms, its measured
+    latency, and its file ``OUT.arch_<limit>ms.json``."""
+    start = time.perf_counter()
+    if limit < fastest:
+        log(f"warning: {limit} ms is below the fastest measured architecture "
+            f"({fastest:.2f} ms); the predictor extrapolates there")
+    try:
+        found = evolutionary_search(supernet.space, fitness, lambda a: predict(a) <= limit,
+                                    config)
+    except RuntimeError as exc:
+        log(f"latency {limit} ms: infeasible ({exc})")
+        return {"latency_limit_ms": limit, "arch": None, "error": str(exc)}
+    arch = found.best
+    measured = decode_latency(supernet.export(arch).to(device), supernet.vocab_size,
+                              device=device, **timing)
+    entry = {"latency_limit_ms": limit, "arch": arch, "description": describe(arch),
+             "valid_loss": found.best_fitness, "predicted_latency_ms": predict(arch),
+             "measured_latency_ms": measured, "extrapolated": limit < fastest,
+             "history": found.history, "seconds": time.perf_counter() - start}
+    arch_file = Path(str(out_json).removesuffix(".json") + f".arch_{limit:g}ms.json")
+    with open(arch_file, "w") as f:
+        json.dump({"arch": arch, "latency_limit_ms": limit}, f, indent=1)
+    log(f"latency <= {limit} ms: {describe(arch)}; valid loss {found.best_fitness:.4f}, "
+        f"predicted {entry['predicted_latency_ms']:.2f} ms, measured {measured:.2f} ms "
+        f"-> {arch_file}")
+    return entry
+
+
+def mark_pareto(results: List[Dict]) -> None:
+    """Sets "pareto" on every found entry: not dominated in (measured latency, valid loss)."""
+    found = [r for r in results if r["arch"] is not None]
+    for r in found:
+        point = (r["measured_latency_ms"], r["valid_loss"])
+        r["pareto"] = not any(
+            o is not r and o["measured_latency_ms"] <= point[0] and o["valid_loss"] <= point[1]
+            and (o["measured_latency_ms"], o["valid_loss"]) != point for o in found)
+
+
+def run_search(run_dir, limits_ms: Sequence[float], out_json, samples: int = 100,
+               valid_sentences: int = 300, config: Optional[EvolutionConfig] = None,
+               device="cpu", timing: Optional[Dict] = None, log=print) -> Dict:
+    run_dir = Path(run_dir)
+    supernet, run = load_run(run_dir, device, log=log)
+    if not isinstance(supernet, MTSupernet):
+        raise ValueError(f"search: {run_dir} holds a static model, not a supernet")
+    config, timing = config or EvolutionConfig(), dict(timing or {})
+    records = cached_latencies(supernet, run_dir / f"latency_{torch.device(device).type}.json",
+                               samples, timing, device, log)
     predictor, error = fit_predictor(supernet, records)
     log(f"latency predictor held-out error: MAE {error['mae_ms']:.3f} ms, mean relative "
         f"{100 * error['mean_relative_error']:.1f}%")
@@ -153,9 +195,10 @@ def run_search(run_dir, limits_ms: Sequence[float], out_json, samples: int = 100
         with torch.no_grad():
             return float(predictor(torch.tensor([supernet.space.encode(arch)]))[0])
 
-    src, tgt, _ = load_split(run["data"], "valid", tokenizer, run["lang"])
+    data = run.task_config.data
+    src, tgt, _ = load_split(data, "valid", Tokenizer(run_dir / "spm.model"), detect_lang(data))
     src, tgt = src[:valid_sentences], tgt[:valid_sentences]
-    batches = make_batches(src, tgt, run["settings"]["max_tokens"])
+    batches = make_batches(src, tgt, run.task_config.max_tokens)
     scores: Dict = {}
     fitness_seconds = [0.0]
 
@@ -168,42 +211,9 @@ def run_search(run_dir, limits_ms: Sequence[float], out_json, samples: int = 100
         return scores[key]
 
     fastest = min(r["latency_ms"] for r in records)
-    results = []
-    for limit in limits_ms:
-        start = time.perf_counter()
-        if limit < fastest:
-            log(f"warning: {limit} ms is below the fastest measured architecture "
-                f"({fastest:.2f} ms); the predictor extrapolates there")
-        try:
-            found = evolutionary_search(supernet.space, fitness, lambda a: predict(a) <= limit,
-                                        config)
-        except RuntimeError as exc:
-            log(f"latency {limit} ms: infeasible ({exc})")
-            results.append({"latency_limit_ms": limit, "arch": None, "error": str(exc)})
-            continue
-        arch = found.best
-        measured = measure_latency(supernet.export(arch).to(device), supernet.vocab_size,
-                                   device=device, **timing)
-        entry = {"latency_limit_ms": limit, "arch": arch, "description": describe(arch),
-                 "valid_loss": found.best_fitness, "predicted_latency_ms": predict(arch),
-                 "measured_latency_ms": measured, "extrapolated": limit < fastest,
-                 "history": found.history,
-                 "seconds": time.perf_counter() - start}
-        results.append(entry)
-        arch_file = Path(str(out_json).removesuffix(".json") + f".arch_{limit:g}ms.json")
-        with open(arch_file, "w") as f:
-            json.dump({"arch": arch, "latency_limit_ms": limit}, f, indent=1)
-        log(f"latency <= {limit} ms: {describe(arch)}; valid loss {found.best_fitness:.4f}, "
-            f"predicted {entry['predicted_latency_ms']:.2f} ms, measured {measured:.2f} ms "
-            f"-> {arch_file}")
-    found = [r for r in results if r["arch"] is not None]
-    for r in found:  # the Pareto front of (measured latency, validation loss)
-        r["pareto"] = not any(
-            o is not r and o["measured_latency_ms"] <= r["measured_latency_ms"]
-            and o["valid_loss"] <= r["valid_loss"]
-            and (o["measured_latency_ms"], o["valid_loss"]) != (r["measured_latency_ms"],
-                                                                r["valid_loss"])
-            for o in found)
+    results = [_search_limit(supernet, limit, fitness, predict, config, fastest, device, timing,
+                             out_json, log) for limit in limits_ms]
+    mark_pareto(results)
     report = {"run": str(run_dir), "device": str(device), "supernet": supernet.kind,
               "predictor_error": error, "latency_samples": len(records),
               "measured_latency_range_ms": [fastest, max(r["latency_ms"] for r in records)],

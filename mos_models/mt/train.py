@@ -1,77 +1,37 @@
-"""Supernet training: sandwich or SPOS sampling, label-smoothed cross-entropy, Adam with warmup
-and cosine decay, gradient clipping, atomic checkpoints with --resume, DDP through torchrun.
+"""Training the MT supernet (or an exported static model further) with the shared training core.
 
-The run directory holds ``run.json`` (model hyper-parameters, preset, data directory),
-``checkpoint_<step>.pt`` (the newest two) and ``log.jsonl`` (one line per logged step).
-
-With ``max_minutes`` the learning-rate schedule follows whichever is further along, the steps or
-the training time, so a time-bounded run still warms up and decays fully within its budget.
+``MTTask`` is what the core needs: the model, each step's batch (token-bucketed sentence pairs,
+shuffled per epoch from the seed) and the label-smoothed cross-entropy. Everything else
+(sampling, schedule, checkpoints, --resume, DDP, --compile, the run directory) is
+``mos_models.common.trainer``'s. Also here: ``load_run`` and ``export_run`` of MT runs, and the
+validation loss that training and search report.
 """
-import json
-import math
-import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..common import checkpoint as ckpt
-from ..common.elastic import set_backend
-from ..common.training import (DistInfo, MixedPrecision, ProgressBar, all_reduce_mean, arch_rng,
-                               barrier, fused_adam_options, init_distributed, sample_archs,
-                               sandwich_step, unwrap, warmup_cosine_factor, wrap_ddp)
-from .config import PRESETS
+from ..common import trainer
+from ..common.run import Run, load_run as _load_run
+from ..common.trainer import Task, TrainConfig, fill_none
+from .config import PRESETS, describe
 from .data import (Tokenizer, collate, detect_lang, epoch_batches, load_split, make_batches,
                    train_sentencepiece)
+from .export import load_static, save_static
 from .model import MTSupernet, StaticTransformer, Transformer, build_model, loss_fn
 
 
 @dataclass
-class TrainArgs:
+class MTConfig:
+    """What an MT run trains (the trainer's own settings are in TrainConfig)."""
     data: str
-    out: str
     preset: str = "tiny"
     supernet: str = "neuron"            # neuron | layer | standard
-    sampling: str = "sandwich"          # sandwich | spos (a static model always trains alone)
-    max_minutes: Optional[float] = None
-    max_steps: Optional[int] = None      # default: the preset's
-    max_tokens: Optional[int] = None     # per batch and process; default: the preset's
-    lr: Optional[float] = None
-    warmup_steps: Optional[int] = None
-    seed: int = 1
-    resume: bool = False
-    backend: str = "auto"
-    save_mixed_weight: bool = False     # MoSLinear keeps W_a for the backward (memory for time)
-    device: Optional[str] = None
-    amp: str = "off"                    # off | bf16 | fp16 (mixed precision on GPUs)
+    max_tokens: Optional[int] = None    # per batch and process; None: the preset's
     num_experts: int = 2
     router_hidden: int = 128
-    save_every: int = 200               # steps between checkpoints (also on exit)
-    log_every: int = 20
-    from_model: Optional[str] = None     # an exported static model to train further
-    progress: bool = True
-
-
-def _settings(args: TrainArgs) -> Dict:
-    preset = PRESETS[args.preset]
-    return {"max_steps": args.max_steps or preset.max_steps,
-            "max_tokens": args.max_tokens or preset.max_tokens,
-            "lr": args.lr or preset.lr,
-            "warmup_steps": preset.warmup_steps if args.warmup_steps is None
-            else args.warmup_steps,
-            "min_lr_ratio": preset.min_lr_ratio, "label_smoothing": preset.label_smoothing,
-            "clip_norm": preset.clip_norm}
-
-
-def _build(args: TrainArgs, vocab_size: int) -> Transformer:
-    if args.from_model:
-        from .export import load_static
-        return load_static(args.from_model)
-    model = MTSupernet(vocab_size, PRESETS[args.preset].space, args.supernet, args.num_experts,
-                       args.router_hidden, args.backend)
-    return set_backend(model, args.backend, args.save_mixed_weight)
+    from_model: Optional[str] = None    # an exported static model to train further
 
 
 def tokenizer_for(data_dir, preset: str = "tiny") -> Tokenizer:
@@ -99,139 +59,96 @@ def evaluate_loss(model: Transformer, batches: List[List[int]], src, tgt, device
     return total / max(tokens, 1)
 
 
-def train(args: TrainArgs, log=print) -> Dict:
-    info: DistInfo = init_distributed(args.device)
-    out = Path(args.out)
-    settings = _settings(args)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(info)
-    # an exported model brings its own vocabulary; a data directory without one gets it trained
-    spm_path = Path(args.from_model or args.data) / "spm.model"
-    if info.is_main and not args.from_model:
-        tokenizer_for(args.data, args.preset)
-    barrier(info)
-    tokenizer = Tokenizer(spm_path)
-    lang = detect_lang(args.data)
-    src, tgt, _ = load_split(args.data, "train", tokenizer, lang)
-    valid_src, valid_tgt, _ = load_split(args.data, "valid", tokenizer, lang)
-    batches = make_batches(src, tgt, settings["max_tokens"])
-    valid_batches = make_batches(valid_src, valid_tgt, settings["max_tokens"])
+class MTTask(Task):
+    name = "mt"
+    config_class = MTConfig
+    model_from_config = staticmethod(build_model)
 
-    torch.manual_seed(args.seed)
-    model = _build(args, len(tokenizer)).to(info.device)
-    static = isinstance(model, StaticTransformer)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"], betas=(0.9, 0.98),
-                                 eps=1e-8, **fused_adam_options(model.parameters()))
-    precision = MixedPrecision(args.amp, torch.device(info.device).type)
-    step, epoch, position, seconds = 0, 0, 0, 0.0
-    if args.resume:
-        state = ckpt.load_training_state(out, model, optimizer, map_location=info.device)
-        if state is not None:
-            step, extra = state["step"], state["extra"]
-            epoch, position, seconds = extra["epoch"], extra["position"], extra["seconds"]
-            if "scaler" in extra:
-                precision.scaler.load_state_dict(extra["scaler"])
-            if info.is_main:
-                log(f"resumed from {state['path']} at step {step} ({seconds:.0f}s trained)")
-    if info.is_main:
-        run = {"model": model.hparams(), "preset": args.preset, "data": str(Path(args.data)),
-               "lang": lang, "spm": str(spm_path), "settings": settings,
-               "args": asdict(args), "world_size": info.world_size}
-        ckpt.save_checkpoint(run, out / "run.pt")
-        with open(out / "run.json", "w") as f:
-            json.dump(run, f, indent=1, default=str)
-        shutil.copy(spm_path, out / "spm.model")
-    ddp = wrap_ddp(model, info)
-    model.train()
+    def __init__(self, config: MTConfig):
+        if config.preset not in PRESETS:
+            raise ValueError(f"mt: preset must be one of {sorted(PRESETS)}, got {config.preset!r}")
+        self.preset = PRESETS[config.preset]
+        super().__init__(fill_none(config, {"max_tokens": self.preset.max_tokens}))
+        # an exported model brings its own vocabulary; a data directory gets one if it lacks it
+        self.spm = Path(config.from_model or config.data) / "spm.model"
 
-    max_seconds = None if args.max_minutes is None else args.max_minutes * 60
-    mode = "static" if static else args.sampling
-    bar = ProgressBar(settings["max_steps"], f"train {mode}", enabled=args.progress and
-                      info.is_main, initial=step)
-    log_file = open(out / "log.jsonl", "a") if info.is_main else None
-    order = epoch_batches(batches, args.seed, epoch, info.rank, info.world_size)
-    if not order:
-        raise ValueError(f"train: {len(batches)} batches cannot be shared by "
-                         f"{info.world_size} processes; lower --max-tokens")
-    last_save, start, stop = step, time.monotonic(), False
+    def train_defaults(self) -> Dict:
+        p = self.preset
+        return {"max_steps": p.max_steps, "lr": p.lr, "warmup_steps": p.warmup_steps,
+                "min_lr_ratio": p.min_lr_ratio, "clip_norm": p.clip_norm}
 
-    def save():
-        if info.is_main:
-            ckpt.save_training_state(out, step, model, optimizer, extra={
-                "epoch": epoch, "position": position, "seconds": seconds,
-                "scaler": precision.scaler.state_dict()})
+    def prepare(self, log) -> None:
+        if not self.config.from_model:
+            tokenizer_for(self.config.data, self.config.preset)
 
-    while not stop:
-        elapsed = all_reduce_mean(seconds + time.monotonic() - start, info)  # ranks agree
-        progress = step / settings["max_steps"]
-        if max_seconds is not None:
-            progress = max(progress, elapsed / max_seconds)
-        if progress >= 1.0:
-            break
-        factor = warmup_cosine_factor(step, settings["warmup_steps"], settings["max_steps"],
-                                      settings["min_lr_ratio"])
-        if max_seconds is not None and step >= settings["warmup_steps"]:
-            factor = settings["min_lr_ratio"] + (1 - settings["min_lr_ratio"]) * 0.5 * (
-                1 + math.cos(math.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = settings["lr"] * factor
+    def setup(self, info, cfg: TrainConfig, log) -> None:
+        self.tokenizer = Tokenizer(self.spm)
+        self.lang = detect_lang(self.config.data)
+        self.src, self.tgt, _ = load_split(self.config.data, "train", self.tokenizer, self.lang)
+        self.valid = load_split(self.config.data, "valid", self.tokenizer, self.lang)[:2]
+        self.batches = make_batches(self.src, self.tgt, self.config.max_tokens)
+        self.seed, self.rank, self.world, self.device = (cfg.seed, info.rank, info.world_size,
+                                                         info.device)
+        self.per_rank = len(self.batches) // info.world_size
+        if self.per_rank == 0:
+            raise ValueError(f"train: {len(self.batches)} batches cannot be shared by "
+                             f"{info.world_size} processes; lower --max-tokens")
+        self._order: Tuple[int, list] = (-1, [])
 
-        if position >= len(order):
-            epoch, position = epoch + 1, 0
-            order = epoch_batches(batches, args.seed, epoch, info.rank, info.world_size)
-        s, t_in, t_out = collate(order[position], src, tgt, info.device)
-        torch.manual_seed((args.seed * 1_000_003 + step) * 64 + info.rank)  # dropout: resumable
-        archs = [None] if static else sample_archs(unwrap(ddp).space,
-                                                   arch_rng(args.seed, step), args.sampling)
-        optimizer.zero_grad(set_to_none=True)
-        losses = sandwich_step(ddp, archs, lambda m, arch: loss_fn(
-            m(s, t_in), t_out, settings["label_smoothing"]), precision)
-        grad_norm = precision.step(optimizer, model.parameters(), settings["clip_norm"])
-        step, position = step + 1, position + 1
-        bar.update(1, loss=losses[0], lr=settings["lr"] * factor)
-        if info.is_main and step % args.log_every == 0:
-            log_file.write(json.dumps({"step": step, "epoch": epoch, "losses": losses,
-                                       "lr": settings["lr"] * factor,
-                                       "grad_norm": float(grad_norm),
-                                       "seconds": seconds + time.monotonic() - start}) + "\n")
-            log_file.flush()
-        if step - last_save >= args.save_every:
-            seconds += time.monotonic() - start
-            start = time.monotonic()
-            save()
-            last_save = step
-    seconds += time.monotonic() - start
-    save()
-    bar.close()
-    result = {"step": step, "epoch": epoch, "seconds": seconds}  # and "model", at the end
-    if info.is_main:
-        valid = valid_batches
-        if static:
-            result["valid_loss"] = evaluate_loss(model, valid, valid_src, valid_tgt, info.device)
-        else:
-            space = model.space
-            for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
-                result[f"valid_loss_{name}"] = evaluate_loss(model, valid, valid_src, valid_tgt,
-                                                             info.device, arch)
-        log_file.write(json.dumps({"final": result}) + "\n")
-        log_file.close()
-        log(f"trained {step} steps in {seconds / 60:.1f} min: " +
-            ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k.startswith("valid")))
-    barrier(info)
-    result["model"] = model
-    return result
+    def build_model(self) -> Transformer:
+        c = self.config
+        if c.from_model:
+            return load_static(c.from_model)
+        return MTSupernet(len(self.tokenizer), self.preset.space, c.supernet, c.num_experts,
+                          c.router_hidden)
+
+    def batch(self, step: int):
+        epoch, position = divmod(step, self.per_rank)
+        if self._order[0] != epoch:
+            self._order = (epoch, epoch_batches(self.batches, self.seed, epoch, self.rank,
+                                                self.world))
+        return collate(self._order[1][position], self.src, self.tgt, self.device)
+
+    def loss(self, model, batch, arch, shared) -> torch.Tensor:
+        s, t_in, t_out = batch
+        return loss_fn(model(s, t_in), t_out, self.preset.label_smoothing)
+
+    def evaluate(self, model: Transformer) -> Dict[str, float]:
+        batches = make_batches(*self.valid, self.config.max_tokens)
+        if isinstance(model, StaticTransformer):
+            return {"valid_loss": evaluate_loss(model, batches, *self.valid, self.device)}
+        return {f"valid_loss_{name}": evaluate_loss(model, batches, *self.valid, self.device,
+                                                    arch)
+                for name, arch in (("largest", model.space.largest()),
+                                   ("smallest", model.space.smallest()))}
+
+    def run_files(self) -> Dict[str, str]:
+        return {"spm.model": str(self.spm)}
+
+    def describe(self, model) -> str:
+        what = (f"static model from {self.config.from_model}" if self.config.from_model
+                else f"{self.config.supernet} supernet")
+        return (f"{self.config.preset} preset, {what}, {len(self.batches)} batches of <= "
+                f"{self.config.max_tokens} tokens")
 
 
-def load_run(run_dir, device="cpu"):
-    """(model with the newest checkpoint's weights, run metadata) of a training run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.pt").exists():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no run.pt)")
-    run = ckpt.load_checkpoint(run_dir / "run.pt")
-    model = build_model(run["model"])
-    path = ckpt.latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint_<step>.pt")
-    model.load_state_dict(ckpt.load_checkpoint(path, device)["model"])
-    return model.to(device).eval(), run
+def train(config: MTConfig, cfg: TrainConfig, log=print) -> Dict:
+    """Trains (or resumes) an MT run into ``cfg.out``; see ``mos_models.common.trainer.train``."""
+    return trainer.train(MTTask(config), cfg, log)
+
+
+def load_run(run_dir, device="cpu", log=print) -> Tuple[Transformer, Run]:
+    """(model with the newest loadable checkpoint's weights, in eval mode, Run) of an MT run;
+    ``Run.task_config`` is its MTConfig (data, preset, max_tokens...)."""
+    return _load_run(run_dir, MTTask, device, log)
+
+
+def export_run(run_dir, arch_spec, out_dir, log=print) -> Path:
+    """Exports architecture ``arch_spec`` (see GeneSpace.parse) of a run as a static model."""
+    model, run = load_run(run_dir, log=log)
+    if not isinstance(model, MTSupernet):
+        raise ValueError(f"export: {run_dir} holds a static model, not a supernet")
+    arch = model.space.parse(arch_spec)
+    source = {"run": str(Path(run_dir).resolve()), "step": run.step, "arch": arch,
+              "description": describe(arch), "supernet": model.kind}
+    return save_static(model.export(arch), out_dir, run.dir / "spm.model", log, source)
