@@ -1,14 +1,21 @@
 """Builds mos_kernels._C: the C++ CPU kernels always; the CUDA kernels (csrc/cuda/) when CUDA torch
-and a CUDA toolkit are present, or FORCE_CUDA=1. Install with `pip install --no-build-isolation`."""
+and a CUDA toolkit are present, or FORCE_CUDA=1. Install with `pip install --no-build-isolation`.
+The project's metadata, dependencies and extras are in pyproject.toml; this file only builds."""
 import glob
 import os
 import re
 import subprocess
 import sys
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit("mos-kernels builds its extension against the torch you have installed: install "
+             "torch first (e.g. pip install -r requirements.txt), then pip install "
+             "--no-build-isolation --no-deps -e .")
 
 
 def build_cuda() -> bool:
@@ -61,11 +68,6 @@ def extension():
 
 
 setup(
-    name="mos-kernels",
-    version="0.1.0",
-    description="Fused kernels for Mixture-of-Supernets linear layers",
-    packages=find_packages(include=["mos_kernels", "mos_kernels.*", "mos_models", "mos_models.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
 )
