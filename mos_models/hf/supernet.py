@@ -16,12 +16,13 @@ BERT). The routers read the encoding [ffn / ffn_max, layers / layers_max].
 """
 import copy
 import math
+import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from mos_models.common.elastic import KINDS, ElasticLinear
+from mos_models.common.elastic import BACKENDS, KINDS, ElasticLinear
 from mos_models.common.evolution import GeneSpace
 
 from .families import Found, detect
@@ -36,12 +37,12 @@ class HFSpace(GeneSpace):
     list of choices; the largest choices are the source model's sizes. ``encode`` gives the
     router's input: each number divided by its maximum."""
 
+    arch_dim = len(DIMS)
+
     def __init__(self, ffn_choices: Sequence[int], layer_choices: Sequence[int]):
         super().__init__({"ffn": sorted(set(int(c) for c in ffn_choices)),
                           "layers": sorted(set(int(c) for c in layer_choices))})
         self.ffn_max, self.layers_max = max(self.genes["ffn"]), max(self.genes["layers"])
-
-    arch_dim = len(DIMS)
 
     def encode(self, arch: Arch) -> List[float]:
         return [arch["ffn"] / self.ffn_max, arch["layers"] / self.layers_max]
@@ -183,7 +184,7 @@ class HFSupernet(nn.Module):
         return to_static(self)
 
     def hparams(self) -> Dict[str, Any]:
-        """What rebuilds this supernet from its source model (``rebuild``): the conversion
+        """What rebuilds this supernet from its source model (``from_hparams``): the conversion
         settings and the space. The weights, neuron order and layer ranking are in state_dict."""
         return {**self.settings, **self.space.to_dict(), "family": self.family.name}
 
@@ -238,8 +239,8 @@ def _check_settings(num_experts, granularity, router_hidden, backend) -> None:
     for name, value in (("num_experts", num_experts), ("router_hidden", router_hidden)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"to_supernet: {name} must be a positive int, got {value!r}")
-    if not isinstance(backend, str):
-        raise ValueError(f"to_supernet: backend must be a string, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"to_supernet: backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _check_choices(name: str, choices: Sequence[int], top: int) -> List[int]:
@@ -279,8 +280,11 @@ def to_supernet(model: nn.Module, num_experts: int = 2, granularity: str = "neur
     found = detect(model)
     depth, intermediate = len(found.layers), model.config.intermediate_size
     default_ffn, default_layers = default_choices(intermediate, depth)
-    space = HFSpace(_check_choices("ffn_choices", ffn_choices or default_ffn, intermediate),
-                    _check_choices("layer_choices", layer_choices or default_layers, depth))
+    space = HFSpace(
+        _check_choices("ffn_choices", default_ffn if ffn_choices is None else ffn_choices,
+                       intermediate),
+        _check_choices("layer_choices", default_layers if layer_choices is None else layer_choices,
+                       depth))
     model = copy.deepcopy(model) if copy_model else model
     found = detect(model)
     rank = list(range(depth))
@@ -305,7 +309,22 @@ def to_supernet(model: nn.Module, num_experts: int = 2, granularity: str = "neur
     return HFSupernet(model, found, space, rank, settings).set_arch()
 
 
+def from_hparams(hparams: Dict[str, Any], model: Optional[nn.Module] = None) -> HFSupernet:
+    """The supernet ``hparams()`` describes, before its state_dict is loaded: converted without
+    calibration from ``model`` (itself, not a copy) or, when None, from the model in
+    ``hparams["source_dir"]``. ``load_state_dict`` then brings the trained (and permuted) weights
+    and the layer ranking."""
+    if model is None:
+        from .export import load_pretrained
+        if not hparams.get("source_dir"):
+            raise ValueError("from_hparams: the supernet has no source_dir; pass the model")
+        model = load_pretrained(hparams["source_dir"]).model
+    return to_supernet(model, hparams["num_experts"], hparams["granularity"], None,
+                       hparams["router_hidden"], ffn_choices=hparams["ffn_choices"],
+                       layer_choices=hparams["layer_choices"], backend=hparams["backend"],
+                       copy_model=False, source_dir=hparams.get("source_dir"))
+
+
 def _source_dir(model: nn.Module) -> Optional[str]:
-    import os
     path = getattr(model.config, "_name_or_path", "") or ""
     return path if path and os.path.isdir(path) else None
