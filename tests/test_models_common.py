@@ -455,6 +455,7 @@ def _ddp_worker(rank, world_size, port, out_dir):
     torch.save({"archs": archs, "ddp": {n: p.grad for n, p in model.named_parameters()},
                 "local": {n: p.grad for n, p in local.named_parameters()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    del ddp  # its reducer holds the process group: destroyed after it, gloo's teardown can hang
     cleanup_distributed()
 
 

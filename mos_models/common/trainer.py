@@ -312,6 +312,9 @@ class _Trainer:
 
     # -- the end -------------------------------------------------------------------------------
     def _finish(self) -> Dict[str, Any]:
+        # The DDP wrapper's reducer holds the process group: it must go before train() destroys
+        # the group, or gloo's teardown can hang at exit.
+        self.forward = None
         self.uncompile()
         seconds = self._clock()
         self._save(seconds)
