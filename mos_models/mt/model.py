@@ -320,12 +320,17 @@ class MTSupernet(Transformer):
 
 
 class StaticTransformer(Transformer):
-    """A plain Transformer of one architecture (no experts, routers or elastic layers)."""
+    """A plain Transformer of one architecture (no experts, routers or elastic layers).
 
-    def __init__(self, vocab_size: int, arch: Arch, qkv_dim: int, dropout: float = 0.1):
+    ``shared_embedding``: one table for both sides and the output projection, each side using
+    its leading columns, as in the supernet (``from_scratch`` models); otherwise each side has
+    its own table (what ``MTSupernet.export`` writes: the same function, as copies)."""
+
+    def __init__(self, vocab_size: int, arch: Arch, qkv_dim: int, dropout: float = 0.1,
+                 shared_embedding: bool = False):
         super().__init__()
         self.vocab_size, self.arch, self.qkv_dim = vocab_size, dict(arch), qkv_dim
-        self.dropout = dropout
+        self.dropout, self.shared_embedding = dropout, shared_embedding
         e_enc, e_dec = arch["encoder_embed"], arch["decoder_embed"]
         self.num_encoder_layers, self.num_decoder_layers = (arch["encoder_layers"],
                                                             arch["decoder_layers"])
@@ -338,8 +343,11 @@ class StaticTransformer(Transformer):
         def ffn(width, embed):
             return FeedForward(nn.Linear(embed, width), nn.Linear(width, embed), p)
 
-        self.encoder_embedding = nn.Embedding(vocab_size, e_enc, padding_idx=PAD)
-        self.decoder_embedding = nn.Embedding(vocab_size, e_dec, padding_idx=PAD)
+        if shared_embedding:
+            self.embedding = nn.Embedding(vocab_size, max(e_enc, e_dec), padding_idx=PAD)
+        else:
+            self.encoder_embedding = nn.Embedding(vocab_size, e_enc, padding_idx=PAD)
+            self.decoder_embedding = nn.Embedding(vocab_size, e_dec, padding_idx=PAD)
         self.encoder_layers = nn.ModuleList(
             EncoderLayer(attention(arch[f"encoder_heads_{i}"], e_enc, e_enc),
                          ffn(arch[f"encoder_ffn_{i}"], e_enc), nn.LayerNorm(e_enc),
@@ -354,7 +362,23 @@ class StaticTransformer(Transformer):
             for i in range(self.num_decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(e_enc), nn.LayerNorm(e_dec)
 
+    @classmethod
+    def from_scratch(cls, vocab_size: int, arch: Arch, config: SpaceConfig) -> "StaticTransformer":
+        """A freshly initialised model of ``arch`` parameterised and initialised as the
+        supernet's sub-network: one shared embedding table, N(0, width^-1/2) with a zero padding
+        row; nn.Linear's own initialisation (ElasticLinear's rule, at this layer's size); the
+        space's qkv_dim and dropout. The standalone baseline of the supernet-quality study."""
+        model = cls(vocab_size, arch, config.qkv_dim, config.dropout, shared_embedding=True)
+        weight = model.embedding.weight
+        with torch.no_grad():
+            nn.init.normal_(weight, 0.0, weight.shape[1] ** -0.5)
+            weight[PAD].zero_()
+        return model
+
     def embedding_weight(self, side: str) -> Tensor:
+        if self.shared_embedding:
+            dim = self.arch["encoder_embed" if side == "encoder" else "decoder_embed"]
+            return self.embedding.weight[:, :dim]
         return (self.encoder_embedding if side == "encoder" else self.decoder_embedding).weight
 
     def set_arch(self, arch=None) -> "StaticTransformer":
@@ -363,13 +387,36 @@ class StaticTransformer(Transformer):
 
     def hparams(self) -> Dict:
         return {"vocab_size": self.vocab_size, "arch": self.arch, "qkv_dim": self.qkv_dim,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "shared_embedding": self.shared_embedding}
+
+
+def param_count(arch: Arch, vocab_size: int, qkv_dim: int, shared_embedding: bool = True) -> int:
+    """Parameters of ``StaticTransformer(vocab_size, arch, qkv_dim, shared_embedding=...)``,
+    counted without building it."""
+    e_enc, e_dec, q = arch["encoder_embed"], arch["decoder_embed"], qkv_dim
+
+    def linear(n_in, n_out):
+        return n_in * n_out + n_out
+
+    def attention(e_query, e_memory):
+        return linear(e_query, q) + 2 * linear(e_memory, q) + linear(q, e_query)
+
+    n = vocab_size * (max(e_enc, e_dec) if shared_embedding else e_enc + e_dec)
+    n += 2 * e_enc + 2 * e_dec                                     # final LayerNorms
+    for i in range(arch["encoder_layers"]):
+        ffn = arch[f"encoder_ffn_{i}"]
+        n += attention(e_enc, e_enc) + linear(e_enc, ffn) + linear(ffn, e_enc) + 4 * e_enc
+    for i in range(arch["decoder_layers"]):
+        ffn = arch[f"decoder_ffn_{i}"]
+        n += attention(e_dec, e_dec) + attention(e_dec, e_enc)
+        n += linear(e_dec, ffn) + linear(ffn, e_dec) + 6 * e_dec
+    return n
 
 
 def build_model(hparams: Dict) -> Transformer:
     """A model from ``hparams()`` of either class (as stored in checkpoints and exports)."""
     if "arch" in hparams:
         return StaticTransformer(hparams["vocab_size"], hparams["arch"], hparams["qkv_dim"],
-                                 hparams["dropout"])
+                                 hparams["dropout"], hparams.get("shared_embedding", False))
     return MTSupernet(hparams["vocab_size"], SpaceConfig.from_dict(hparams["config"]),
                       hparams["kind"], hparams["num_experts"], hparams["router_hidden"])

@@ -6,7 +6,7 @@ shuffled per epoch from the seed) and the label-smoothed cross-entropy. Everythi
 ``mos_models.common.trainer``'s. Also here: ``load_run`` and ``export_run`` of MT runs, and the
 validation loss that training and search report.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -15,7 +15,7 @@ import torch
 from ..common import trainer
 from ..common.run import Run, load_run as _load_run
 from ..common.trainer import Task, TrainConfig, fill_none
-from .config import PRESETS, describe
+from .config import PRESETS, MTSpace, describe
 from .data import (Tokenizer, collate, detect_lang, epoch_batches, load_split, make_batches,
                    train_sentencepiece)
 from .export import load_static, save_static
@@ -32,6 +32,8 @@ class MTConfig:
     num_experts: int = 2
     router_hidden: int = 128
     from_model: Optional[str] = None    # an exported static model to train further
+    arch: Optional[Dict] = None         # an architecture of the preset's space, trained alone
+                                        # from scratch (a static model; the study's standalone)
 
 
 def tokenizer_for(data_dir, preset: str = "tiny") -> Tokenizer:
@@ -68,6 +70,11 @@ class MTTask(Task):
         if config.preset not in PRESETS:
             raise ValueError(f"mt: preset must be one of {sorted(PRESETS)}, got {config.preset!r}")
         self.preset = PRESETS[config.preset]
+        if config.arch is not None:
+            if config.from_model:
+                raise ValueError("mt: give either arch (train from scratch) or from_model "
+                                 "(train an export further), not both")
+            config = replace(config, arch=MTSpace(self.preset.space).parse(config.arch))
         super().__init__(fill_none(config, {"max_tokens": self.preset.max_tokens}))
         # an exported model brings its own vocabulary; a data directory gets one if it lacks it
         self.spm = Path(config.from_model or config.data) / "spm.model"
@@ -99,6 +106,8 @@ class MTTask(Task):
         c = self.config
         if c.from_model:
             return load_static(c.from_model)
+        if c.arch is not None:
+            return StaticTransformer.from_scratch(len(self.tokenizer), c.arch, self.preset.space)
         return MTSupernet(len(self.tokenizer), self.preset.space, c.supernet, c.num_experts,
                           c.router_hidden)
 
@@ -126,8 +135,13 @@ class MTTask(Task):
         return {"spm.model": str(self.spm)}
 
     def describe(self, model) -> str:
-        what = (f"static model from {self.config.from_model}" if self.config.from_model
-                else f"{self.config.supernet} supernet")
+        c = self.config
+        if c.from_model:
+            what = f"static model from {c.from_model}"
+        elif c.arch is not None:
+            what = f"static model from scratch, {describe(c.arch)}"
+        else:
+            what = f"{c.supernet} supernet"
         return (f"{self.config.preset} preset, {what}, {len(self.batches)} batches of <= "
                 f"{self.config.max_tokens} tokens")
 
