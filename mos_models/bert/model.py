@@ -313,5 +313,11 @@ def build_static(hparams: Dict) -> BertMLM:
                           h.get("pre_norm", False))
 
 
+def build_model(hparams: Dict) -> BertMLM:
+    """The supernet (``BertSupernet.hparams()``) or the static model (``static_hparams``, which
+    lists the layers) of stored hyper-parameters."""
+    return build_static(hparams) if "layers" in hparams else build_supernet(hparams)
+
+
 def perplexity(loss_sum: float, count: int) -> float:
     return math.exp(loss_sum / max(count, 1))

@@ -8,7 +8,7 @@ schedule, checkpoints, --resume, DDP, --compile and the run directory are
 validation perplexity that training, evaluation and search report.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -20,8 +20,8 @@ from ..common.trainer import Task, TrainConfig, fill_none
 from ..common.training import fused_adam_options, step_seed
 from .data import load_blocks, load_meta, mask_tokens, unigram_perplexity
 from .export import save_exported
-from .model import BertSupernet, build_supernet, perplexity
-from .space import PRESETS, get_space
+from .model import BertMLM, BertSupernet, build_model, perplexity, static_hparams
+from .space import PRESETS, get_space, space_from_dict
 
 VALID_MASK_SEED = 1234
 
@@ -43,6 +43,8 @@ class BertConfig:
     dropout: Optional[float] = None
     vocab_size: Optional[int] = None
     space_def: Optional[Dict] = None   # the space's to_dict()
+    arch: Optional[Dict] = None        # an architecture of the space, trained alone from scratch
+                                       # (a static BertMLM; the study's standalone)
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -114,7 +116,7 @@ def final_metrics(model: BertSupernet, cfg: BertConfig, device="cpu") -> Dict:
 class BertTask(Task):
     name = "bert"
     config_class = BertConfig
-    model_from_config = staticmethod(build_supernet)
+    model_from_config = staticmethod(build_model)
 
     def __init__(self, config: BertConfig):
         if config.preset not in PRESETS:
@@ -128,6 +130,9 @@ class BertTask(Task):
         if config.space_def is None:
             config = fill_none(config, {"space_def":
                                         get_space(config.space, config.preset).to_dict()})
+        self.space = space_from_dict(config.space_def)
+        if config.arch is not None:
+            config = replace(config, arch=self.space.parse(config.arch))
         super().__init__(config)
 
     def train_defaults(self) -> Dict:
@@ -139,12 +144,20 @@ class BertTask(Task):
         self.blocks = load_blocks(self.config.data, "train", self.config.seq_len)
         self.seed, self.info = cfg.seed, info
 
-    def build_model(self) -> BertSupernet:
+    def build_model(self) -> BertMLM:
         c = self.config
+        if c.arch is not None:
+            return BertMLM.static(c.vocab_size, c.seq_len, self.space.layout(c.arch),
+                                  self.space.bottleneck, c.dropout, c.pre_norm)
         return self.model_from_config({"space": c.space_def, "vocab_size": c.vocab_size,
                                "max_len": c.seq_len, "supernet": c.supernet,
                                "num_experts": c.num_experts, "router_hidden": c.router_hidden,
                                "dropout": c.dropout, "pre_norm": c.pre_norm})
+
+    def model_config(self, model: BertMLM) -> Dict:
+        if self.config.arch is None:
+            return model.hparams()
+        return static_hparams(model, self.space.layout(self.config.arch), self.space.bottleneck)
 
     def optimizer(self, model, lr: float) -> torch.optim.Optimizer:
         return make_optimizer(model, lr, self.config.weight_decay)
@@ -160,8 +173,13 @@ class BertTask(Task):
     def loss(self, model, batch, arch, shared) -> torch.Tensor:
         return model(*batch)
 
-    def evaluate(self, model: BertSupernet) -> Dict[str, float]:
-        return final_metrics(model, self.config, self.info.device)
+    def evaluate(self, model: BertMLM) -> Dict[str, float]:
+        if self.config.arch is None:
+            return final_metrics(model, self.config, self.info.device)
+        c = self.config
+        inputs, labels = masked_valid(c.data, c.seq_len, c.vocab_size)
+        return {"perplexity": mlm_perplexity(model, inputs, labels, device=self.info.device),
+                "params": sum(p.numel() for p in model.parameters())}
 
     def run_files(self) -> Dict[str, str]:
         spm = Path(self.config.data) / "spm.model"
@@ -169,7 +187,9 @@ class BertTask(Task):
 
     def describe(self, model) -> str:
         c = self.config
-        return (f"{model.space.name} space ({c.preset}), {c.supernet} supernet, "
+        what = (f"{c.supernet} supernet" if c.arch is None
+                else f"static model from scratch, layers {self.space.layout(c.arch).layers}")
+        return (f"{self.space.name} space ({c.preset}), {what}, "
                 f"{self.blocks.shape[0]} train blocks of {c.seq_len}, batch {c.batch_size} per "
                 "process")
 
@@ -179,9 +199,10 @@ def train(config: BertConfig, cfg: TrainConfig, log=print) -> Dict:
     return trainer.train(BertTask(config), cfg, log)
 
 
-def load_run(run_dir: str, device="cpu", log=print) -> Tuple[BertSupernet, Run]:
-    """(supernet with the newest loadable checkpoint's weights, in eval mode, Run) of a BERT
-    run; ``Run.task_config`` is its BertConfig (data, seq_len, vocab_size...)."""
+def load_run(run_dir: str, device="cpu", log=print) -> Tuple[BertMLM, Run]:
+    """(model with the newest loadable checkpoint's weights, in eval mode, Run) of a BERT run:
+    a BertSupernet, or a static BertMLM for a run of one architecture (``BertConfig.arch``);
+    ``Run.task_config`` is its BertConfig (data, seq_len, vocab_size...)."""
     return _load_run(run_dir, BertTask, device, log)
 
 
@@ -189,6 +210,8 @@ def export_run(run_dir: str, arch_spec, out_dir: str, device="cpu", log=print) -
     """Exports architecture ``arch_spec`` (see GeneSpace.parse) of a run as a static BERT;
     returns the export's config.json."""
     supernet, run = load_run(run_dir, device, log)
+    if not isinstance(supernet, BertSupernet):
+        raise ValueError(f"export: {run_dir} holds a static model, not a supernet")
     cfg = run.task_config
     arch = supernet.space.parse(arch_spec)
     model = supernet.export(arch)
