@@ -1,4 +1,4 @@
-"""Command line: python -m mos_models.bert (or mos-bert) data|train|evaluate|search|export
+"""Command line: python -m mos_models.bert (or mos-bert) data|train|evaluate|search|export|study
 (see README.md). Several processes: torchrun --nproc_per_node=N -m mos_models.bert train ..."""
 import argparse
 import json
@@ -29,7 +29,8 @@ def cmd_train(args):
                         supernet=args.supernet, num_experts=args.num_experts,
                         router_hidden=args.router_hidden,
                         pre_norm={"pre": True, "post": False}[args.norm],
-                        seq_len=args.seq_len, batch_size=args.batch_size, dropout=args.dropout)
+                        seq_len=args.seq_len, batch_size=args.batch_size, dropout=args.dropout,
+                        arch=args.arch)
     train(config, cli.train_config(args))
 
 
@@ -39,12 +40,15 @@ def _evaluated_model(args):
         sys.exit("evaluate: give either --run RUN --arch ARCH or --model DIR --data DIR")
     if args.run is not None:
         from .train import load_run
-        if args.arch is None:
-            sys.exit("evaluate: --run needs --arch largest|smallest|ARCH.json")
         model, run = load_run(args.run, args.device)
-        model.set_arch(model.space.parse(args.arch))
         cfg = run.task_config
-        extra = {"arch": model.arch, "params": model.param_count()}
+        if hasattr(model, "space"):   # a supernet (a run of one static model needs no --arch)
+            if args.arch is None:
+                sys.exit("evaluate: --run needs --arch largest|smallest|ARCH.json")
+            model.set_arch(model.space.parse(args.arch))
+            extra = {"arch": model.arch, "params": model.param_count()}
+        else:
+            extra = {"arch": cfg.arch, "params": sum(p.numel() for p in model.parameters())}
         return model, args.data or cfg.data, cfg.seq_len, cfg.vocab_size, extra
     from .export import load_exported
     if args.data is None:
@@ -76,6 +80,16 @@ def cmd_export(args):
     print(json.dumps(info))
 
 
+def cmd_study(args):
+    from ..common.study import Study
+    from .study import BertStudy
+    family = BertStudy(args.data, args.preset, args.space, args.num_experts, args.router_hidden,
+                       {"pre": True, "post": False}[args.norm], args.seq_len, args.batch_size,
+                       args.dropout, args.valid_blocks)
+    Study(family, cli.study_config(args), args.out, cli.runtime_config(args),
+          log=lambda m: print(m, file=sys.stderr, flush=True)).run()
+
+
 def _train_parser(sub) -> None:
     from .space import PRESETS
     t = sub.add_parser("train", help="MLM pretraining of the supernet")
@@ -89,6 +103,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--dropout", type=float, default=None, help="default: the preset's")
     t.add_argument("--norm", default="post", choices=["post", "pre"],
                    help="LayerNorm after each sub-block (BERT) or before it")
+    t.add_argument("--arch", default=None,
+                   help="train this architecture of the space alone, from scratch (a static "
+                        "BERT): largest | smallest | ARCH.json | inline JSON")
     cli.add_supernet_flags(t)
     cli.add_budget_flags(t, seed=0)
     cli.add_runtime_flags(t)
@@ -105,6 +122,25 @@ def _search_parser(sub) -> None:
     s.add_argument("--json", required=True)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_search)
+
+
+def _study_parser(sub) -> None:
+    from .space import PRESETS
+    s = sub.add_parser("study", help="supernet-quality study: inherited against standalone "
+                       "perplexity of K architectures for each supernet kind")
+    s.add_argument("--data", required=True)
+    s.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    s.add_argument("--space", default="supershaper", choices=["supershaper", "homogeneous"])
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per training batch (default: the preset's)")
+    s.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    s.add_argument("--dropout", type=float, default=None, help="default: the preset's")
+    s.add_argument("--norm", default="post", choices=["post", "pre"])
+    s.add_argument("--valid-blocks", type=int, default=None,
+                   help="score on the first N validation blocks (default: all)")
+    cli.add_study_flags(s, seed=0)
+    cli.add_runtime_flags(s)
+    s.set_defaults(func=cmd_study)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -129,6 +165,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)
     _search_parser(sub)
+    _study_parser(sub)
     x = sub.add_parser("export", help="export an architecture as a static BERT")
     x.add_argument("--run", required=True)
     x.add_argument("--arch", required=True, help="largest | smallest | ARCH.json | inline JSON")

@@ -11,6 +11,7 @@
   ElasticEmbedding, ElasticLayerNorm, set_backend.
 - evolution: GeneSpace (named genes with choices, ``parse`` for --arch) and evolutionary_search.
 - cli: the command-line flag groups the model commands share.
+- study: the supernet-quality study (inherited against standalone scores; ``study`` commands).
 - timing: warm-up + many runs + trimmed mean, for latency measurement.
 """
 from mos_kernels import BACKENDS, STRATEGIES

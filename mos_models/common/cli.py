@@ -8,6 +8,7 @@ from mos_kernels import BACKENDS, STRATEGIES
 
 from .elastic import KINDS
 from .evolution import EvolutionConfig
+from .study import StudyConfig
 from .trainer import TrainConfig
 from .training import AMP, SAMPLING
 
@@ -104,3 +105,74 @@ def evolution_config(args: argparse.Namespace) -> EvolutionConfig:
                            parents=args.parents, mutations=args.mutations,
                            mutation_prob=args.mutation_prob, crossovers=args.crossovers,
                            seed=args.seed)
+
+
+def add_study_flags(parser: argparse.ArgumentParser, seed: int = 0) -> None:
+    """The supernet-quality study's flags (``study`` of the model commands)."""
+    g = parser.add_argument_group("supernet-quality study")
+    g.add_argument("--out", required=True,
+                   help="the study's directory; run the same command again to resume")
+    g.add_argument("--archs", type=int, default=8,
+                   help="architectures: the smallest, the largest and the rest spread over the "
+                        "parameter range")
+    g.add_argument("--kinds", default="standard,layer,neuron",
+                   help="supernet kinds, comma-separated (" + ", ".join(KINDS) + ")")
+    g.add_argument("--sampling", default="sandwich", choices=SAMPLING)
+    g.add_argument("--seeds", default=str(seed),
+                   help="comma-separated: the first trains every model; each further seed "
+                        "trains the --noise-kinds supernets again (the noise floor)")
+    g.add_argument("--noise-kinds", default=None,
+                   help="kinds trained again with the further seeds (default: every kind)")
+    g.add_argument("--supernet-minutes", type=float, default=None,
+                   help="each supernet's time budget (default 10 unless --supernet-steps)")
+    g.add_argument("--supernet-steps", type=int, default=None,
+                   help="each supernet's step budget (deterministic; with minutes too: "
+                        "whichever ends first)")
+    g.add_argument("--standalone-minutes", type=float, default=None,
+                   help="each standalone model's time budget (default 4 unless "
+                        "--standalone-steps)")
+    g.add_argument("--standalone-steps", type=int, default=None)
+    g.add_argument("--pick-seed", type=int, default=0, help="seed of the architecture draw")
+    g.add_argument("--pool", type=int, default=300,
+                   help="random architectures drawn to pick the spread ones from")
+    g.add_argument("--checkpoint-minutes", type=float, default=1.0,
+                   help="minutes between checkpoints (what a killed run can lose)")
+    g.add_argument("--experts", dest="num_experts", type=int, default=2)
+    g.add_argument("--router-hidden", type=int, default=128)
+
+
+def _names(text):
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
+
+
+def study_config(args: argparse.Namespace) -> StudyConfig:
+    minutes = {}
+    for group, default in (("supernet", 10.0), ("standalone", 4.0)):
+        given = getattr(args, f"{group}_minutes")
+        steps = getattr(args, f"{group}_steps")
+        minutes[group] = default if given is None and steps is None else given
+    try:
+        seeds = tuple(int(s) for s in _names(args.seeds) or ())
+    except ValueError:
+        raise SystemExit(f"study: --seeds must be comma-separated integers, got {args.seeds!r}")
+    try:
+        return _study_config(args, seeds, minutes)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
+
+
+def _study_config(args, seeds, minutes) -> StudyConfig:
+    return StudyConfig(archs=args.archs, kinds=_names(args.kinds) or (), sampling=args.sampling,
+                       seeds=seeds, noise_kinds=_names(args.noise_kinds),
+                       supernet_minutes=minutes["supernet"], supernet_steps=args.supernet_steps,
+                       standalone_minutes=minutes["standalone"],
+                       standalone_steps=args.standalone_steps, pick_seed=args.pick_seed,
+                       pool=args.pool, checkpoint_minutes=args.checkpoint_minutes)
+
+
+def runtime_config(args: argparse.Namespace) -> TrainConfig:
+    """The runtime options of ``add_runtime_flags`` as a TrainConfig (``out`` left empty)."""
+    return TrainConfig(out="", backend=args.backend, strategy=args.strategy,
+                       save_mixed_weight=args.save_mixed_weight, amp=args.amp,
+                       compile=args.compile, compile_mode=args.compile_mode, device=args.device,
+                       progress=not args.no_progress)

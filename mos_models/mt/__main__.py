@@ -1,13 +1,17 @@
-"""Command line: python -m mos_models.mt (or mos-mt) data|train|translate|search|export ...
+"""Command line: python -m mos_models.mt (or mos-mt) data|train|translate|search|export|study
 
     data      --lang LANG --out DIR
     train     --data DIR --out RUN --preset tiny [--supernet neuron|layer|standard]
-              [--sampling sandwich|spos] [--max-minutes N] [--resume] [--from-model DIR]
+              [--sampling sandwich|spos] [--max-minutes N] [--resume]
+              [--from-model DIR | --arch ARCH]
               [--amp off|bf16|fp16] [--compile] [--backend B] [--strategy S]
     translate (--run RUN --arch largest|smallest|ARCH.json | --model DIR --data DIR)
               --split test --json OUT.json
     search    --run RUN --latency-ms X [Y ...] --json OUT.json
     export    --run RUN --arch largest|smallest|ARCH.json --out DIR
+    study     --data DIR --out DIR [--archs K] [--supernet-minutes M] [--standalone-minutes S]
+              [--kinds standard,layer,neuron] [--sampling sandwich|spos] [--seeds 1,2]
+              [--noise-kinds neuron] [--test-sentences N]   (resumes when run again)
 
 Several processes: torchrun --nproc_per_node=N -m mos_models.mt train ...
 """
@@ -35,7 +39,7 @@ def cmd_train(a) -> None:
     from .train import MTConfig, train
     config = MTConfig(data=a.data, preset=a.preset, supernet=a.supernet,
                       max_tokens=a.max_tokens, num_experts=a.num_experts,
-                      router_hidden=a.router_hidden, from_model=a.from_model)
+                      router_hidden=a.router_hidden, from_model=a.from_model, arch=a.arch)
     train(config, cli.train_config(a), log=_log)
 
 
@@ -87,6 +91,14 @@ def cmd_export(a) -> None:
     export_run(a.run, a.arch, a.out, log=_log)
 
 
+def cmd_study(a) -> None:
+    from ..common.study import Study
+    from .study import MTStudy
+    family = MTStudy(a.data, a.preset, a.max_tokens, a.num_experts, a.router_hidden,
+                     a.test_sentences, a.beam, a.lenpen)
+    Study(family, cli.study_config(a), a.out, cli.runtime_config(a), log=_log).run()
+
+
 def _train_parser(sub) -> None:
     from .config import PRESETS
     t = sub.add_parser("train", help="train a supernet (or a static model further)")
@@ -97,6 +109,9 @@ def _train_parser(sub) -> None:
                    help="tokens per batch and process (default: the preset's)")
     t.add_argument("--from-model", default=None,
                    help="an exported model directory to train further on its own")
+    t.add_argument("--arch", default=None,
+                   help="train this architecture of the space alone, from scratch (a static "
+                        "model): largest | smallest | ARCH.json | inline JSON")
     cli.add_supernet_flags(t)
     cli.add_budget_flags(t, seed=1)
     cli.add_runtime_flags(t)
@@ -137,6 +152,23 @@ def _search_parser(sub) -> None:
     s.set_defaults(func=cmd_search)
 
 
+def _study_parser(sub) -> None:
+    from .config import PRESETS
+    s = sub.add_parser("study", help="supernet-quality study: inherited against standalone "
+                       "scores of K architectures for each supernet kind")
+    s.add_argument("--data", required=True)
+    s.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per training batch (default: the preset's)")
+    s.add_argument("--test-sentences", type=int, default=None,
+                   help="BLEU on the first N test sentences (default: all)")
+    s.add_argument("--beam", type=int, default=4)
+    s.add_argument("--lenpen", type=float, default=0.6)
+    cli.add_study_flags(s, seed=1)
+    cli.add_runtime_flags(s)
+    s.set_defaults(func=cmd_study)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mos_models.mt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _translate_parser(sub)
     _search_parser(sub)
+    _study_parser(sub)
     e = sub.add_parser("export", help="export an architecture as a static Transformer")
     e.add_argument("--run", required=True)
     e.add_argument("--arch", default="largest",
