@@ -37,6 +37,9 @@ import torch.nn.functional as F
 
 import mos_kernels
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_op import git_commit  # noqa: E402
+
 
 def make_cases(device, dtype, k, n, tokens, m):
     """{label: (kind, fn, leaves, plan)}: fn runs one forward and returns its output."""
@@ -138,7 +141,7 @@ def main(argv=None):
     env = dict(device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                        else platform.processor() or platform.machine()),
                torch=torch.__version__, threads=torch.get_num_threads(), dtype=args.dtype,
-               python=platform.python_version(), commit=os.environ.get("MOS_COMMIT", ""))
+               python=platform.python_version(), commit=git_commit())
     print(f"# host time per call, median us | {env['device']} | {args.dtype} | "
           f"K={k} N={n} T={tokens} m={m} | {env['threads']} thread(s) | {args.reps} reps x "
           f"{inner} calls")

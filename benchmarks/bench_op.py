@@ -198,13 +198,18 @@ def bench_eval_cache(shapes, tokens_list, dtype, device, reps, clock):
     return rows
 
 
-def environment(device):
+def git_commit() -> str:
+    """The checkout's short commit, or $MOS_COMMIT for a copied tree without .git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
-    commit = commit or os.environ.get("MOS_COMMIT", "")  # a copied tree without .git
+    return commit or os.environ.get("MOS_COMMIT", "")
+
+
+def environment(device):
+    commit = git_commit()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
