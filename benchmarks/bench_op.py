@@ -17,7 +17,7 @@ an nn.Linear of the same shape. Writes JSON and a PNG plot of the ratios (defaul
 in the repository, which git ignores; --out benchmarks/results/... to keep them).
 
     python benchmarks/bench_op.py                      # CPU
-    python benchmarks/bench_op.py --saved --reps 11 --out benchmarks/results/op_cpu  # README
+    python benchmarks/bench_op.py --saved --reps 11 --out benchmarks/results/op_cpu  # docs/results.md
     python benchmarks/bench_op.py --device cuda --dtype bfloat16 --tokens 512 2048 4096 8192 16384
 """
 import argparse

@@ -2,7 +2,7 @@
 
 For each form of the op it counts the floating-point work and the fewest bytes each kernel must
 move through device memory, and charges every kernel max(work / peak, bytes / bandwidth) plus a
-launch cost. Forms (DESIGN.md section 1):
+launch cost. Forms (docs/design.md, section 1):
 
   dense    what a plain supernet does: F.linear on the [:n_out, :n_in] slice of one weight
   naive    the paper's code: a Python loop of m broadcast multiplies and adds builds W_a, then

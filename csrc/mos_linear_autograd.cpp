@@ -411,8 +411,8 @@ Tensor routed_linear(const Tensor& x, const Tensor& experts, const std::optional
 }  // namespace mos
 
 // Python calls these directly: through the dispatcher (a torch.library op with an Autograd
-// kernel) a call and its backward took several microseconds more host time (measured with a
-// trivial node: 8 us against 3.5 us over a built-in op, forward + backward, 2-core CPU machine).
+// kernel) a call and its backward take several microseconds more host time than a built-in op,
+// which small layers pay on every call (docs/results.md, host time per call).
 // The GIL is released while they run, as torch's own ops release it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #ifdef MOS_WITH_CUDA

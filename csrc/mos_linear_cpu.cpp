@@ -41,8 +41,8 @@ void scaled_row(const acc_t* __restrict__ g, acc_t scale, int64_t n, int64_t wid
 }
 
 // A fresh allocation over glibc's largest mmap threshold (32 MiB) is a new mapping every call,
-// and the first write to each 4 KiB page of it faults: ~21 ms for the 56 MB experts' gradient of
-// an m = 6 layer here. Where the system leaves transparent huge pages to madvise (the usual
+// and the first write to each 4 KiB page of it faults, which dominated the m = 6 backward on the
+// CPU (docs/results.md). Where the system leaves transparent huge pages to madvise (the usual
 // default), asking for them turns those faults into one per 2 MiB. Advice only: errors ignored.
 void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -106,8 +106,7 @@ Tensor beta_as_acc(const Tensor& beta) {
 
 // One row of W_a: w[k] = sum_i b[i] * e[i * expert_stride + k]. Chunks of kChunk columns are
 // summed over the experts in a register-sized buffer and stored once; the clones let the same
-// binary use AVX2 and FMA where the CPU has them (measured 1.9x faster than plain SSE2 loops on
-// the 2-core AMD EPYC machine at m = 6).
+// binary use AVX2 and FMA where the CPU has them (plain SSE2 loops were clearly slower at m = 6).
 constexpr int64_t kChunk = 64;
 
 template <typename scalar_t, typename acc_t, int64_t kLen>

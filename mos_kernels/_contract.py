@@ -1,6 +1,6 @@
 """The op contract: argument checks shared by every entry point.
 
-Shapes (DESIGN.md section 1): x (..., n_in); experts (m, N_max, K_max); beta (n_out, m) for
+Shapes (docs/design.md, section 1): x (..., n_in); experts (m, N_max, K_max); beta (n_out, m) for
 neuron-wise MoS or (m,) for layer-wise MoS; bias None, shared (N_max,) or per expert (m, N_max).
 """
 from typing import NamedTuple, Optional

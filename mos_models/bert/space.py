@@ -161,8 +161,8 @@ class TrainSettings:
 
 
 # "full": the paper's (SuperShaper's) pretraining recipe. "tiny": sized for a 2-core CPU, where
-# a 10-minute run is limited by the tokens it can process (measured: at equal tokens batch 8, 16
-# and 32 reach the same perplexity; lr 3e-3 stalls; dropout only costs time), so no dropout.
+# a 10-minute run is limited by the tokens it can process (at equal tokens batch 8, 16 and 32
+# reached the same perplexity, lr 3e-3 stalled, dropout only cost time), so no dropout.
 PRESETS = {
     "full": TrainSettings(seq_len=128, batch_size=2048, lr=5e-4, weight_decay=0.01,
                           warmup_steps=10_000, steps=125_000, dropout=0.1),
