@@ -7,7 +7,8 @@ forward + backward each), gradient clipping and the Adam step; the forward+backw
 also reported alone (the MoS models have more parameters, so their Adam step costs more). Every provider gets the same
 batches and architectures; the order of providers rotates each repetition. Reported: median
 milliseconds per step and the ratios MoS-fused / standard, MoS-naive / standard,
-MoS-naive / MoS-fused. With --compile, also "<kind>-compiled": the fused model with its blocks
+MoS-naive / MoS-fused, and the same two key ratios as medians of per-repetition (paired)
+ratios, which machine drift between repetitions does not move. With --compile, also "<kind>-compiled": the fused model with its blocks
 under torch.compile as the trainers' --compile does (warm-up steps compile every block size the
 timed steps meet; the graphs compiled are reported).
 
@@ -104,7 +105,20 @@ def time_providers(providers, space, shape, reps, warmup, device, amp):
     graphs.append(compile_stats()["compiled_graphs"])
     return ({p: statistics.median(t) for p, t in times.items()},
             {p: statistics.median(t) for p, t in passes.items()},
-            {"warmup": graphs[1] - graphs[0], "timed": graphs[2] - graphs[1]})
+            {"warmup": graphs[1] - graphs[0], "timed": graphs[2] - graphs[1]}, times)
+
+
+def paired_ratios(kinds, times):
+    """Median over repetitions of each repetition's own step-time ratio: the two steps of a
+    pair ran seconds apart on the same batch, so drift of the machine's speed between
+    repetitions cancels, which a ratio of medians keeps."""
+    def paired(a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    ratios = {}
+    for kind in kinds:
+        ratios[f"{kind}-fused/standard"] = paired(f"{kind}-fused", "standard")
+        ratios[f"{kind}-naive/{kind}-fused"] = paired(f"{kind}-naive", f"{kind}-fused")
+    return ratios
 
 
 def step_ratios(kinds, median, median_passes, compiled):
@@ -165,15 +179,16 @@ def bench_shape(name, kinds, reps, warmup, device, search_archs, log, amp="off",
                                                   compiled=True)
     fused = resolve_backend("auto", device)
     space = providers["standard"][0].space
-    median, median_passes, graphs = time_providers(providers, space, shape, reps, warmup,
-                                                   device, amp)
+    median, median_passes, graphs, times = time_providers(providers, space, shape, reps,
+                                                          warmup, device, amp)
     result = {"shape": name, "preset": preset, "vocab": vocab, "batch": batch,
               "src_len": s_len, "tgt_len": t_len, "fused_backend": fused, "strategy": strategy,
               "amp": amp, "reps": reps,
               "median_ms": median, "median_forward_backward_ms": median_passes,
               "params": {p: sum(x.numel() for x in m.parameters())
                          for p, (m, _) in providers.items()},
-              "ratios": step_ratios(kinds, median, median_passes, compiled)}
+              "ratios": step_ratios(kinds, median, median_passes, compiled),
+              "paired_ratios": paired_ratios(kinds, times)}
     if compiled:
         result["compiled_graphs"] = graphs
     log(f"[{name}] batch {batch}x({s_len}+{t_len}) vocab {vocab}, fused backend {fused!r}, "
@@ -183,6 +198,8 @@ def bench_shape(name, kinds, reps, warmup, device, search_archs, log, amp="off",
         log(f"  {p:16s} {ms:9.1f} ms/step ({median_passes[p]:9.1f} ms forward+backward)")
     for r, v in result["ratios"].items():
         log(f"  {r:44s} {v:6.3f}")
+    for r, v in result["paired_ratios"].items():
+        log(f"  {r + ' (median of paired)':44s} {v:6.3f}")
     if search_archs:
         names = ["standard"] + [f"{k}-fused" for k in kinds]
         throughput, sentences = search_throughput(providers, names, space, shape, search_archs,
