@@ -243,7 +243,7 @@ def plot(results, fused, path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES),
@@ -265,8 +265,47 @@ def main(argv=None):
     ap.add_argument("--out", default=None,
                     help="prefix of the .json and .png files (default runs/op_<device> in the "
                          "repository, ignored by git)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def print_row(row, providers, primary):
+    med = row["median_s"]
+    line = f"{row['shape']:10} {row['tokens']:>6} {row['m']:>2} {row['mode']:6} " + " ".join(
+        f"{1e3 * med[p[0]]:>14.3f}" for p in providers)
+    line += "".join(f" {row['ratios'][f]['fused_over_dense']:>12.3f} "
+                    f"{row['ratios'][f]['naive_over_fused']:>10.2f}" for f in primary)
+    print(line, flush=True)
+    if "peak_bytes" in row:
+        print(" " * 26 + "peak MiB: " + "  ".join(
+            f"{k} {v / 2**20:.1f}" for k, v in row["peak_bytes"].items()))
+
+
+def bench_rows(args, providers, fused, primary, dtype, device, reps, iters, clock):
+    """Yields one result row per (shape, tokens, experts, mode), printed as it is measured."""
+    for name in args.shapes:
+        for tokens in args.tokens:
+            for m in args.experts:
+                case = make_case(SHAPES[name], tokens, m, dtype, device)
+                ran = plans(fused, case)
+                med, peak = bench_case(providers, case, args.modes, reps, iters, clock, device)
+                print(f"# {name} T={tokens} m={m} runs: " + ", ".join(
+                    f"{label}={strategy}" for label, (_, strategy) in ran.items()))
+                for mode in args.modes:
+                    row = dict(shape=name, dims=SHAPES[name], tokens=tokens, m=m, mode=mode,
+                               median_s={p[0]: med[(p[0], mode)] for p in providers},
+                               plans=ran, ratios={})
+                    for f in primary:
+                        row["ratios"][f] = dict(
+                            fused_over_dense=med[(f, mode)] / med[("dense", mode)],
+                            naive_over_fused=med[("naive", mode)] / med[(f, mode)])
+                    if peak and mode == "fwdbwd":
+                        row["peak_bytes"] = peak
+                    print_row(row, providers, primary)
+                    yield row
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     reps = args.reps or (50 if device.type == "cuda" else 7)
@@ -294,34 +333,9 @@ def main(argv=None):
     head = f"{'shape':10} {'T':>6} {'m':>2} {'mode':6} " + " ".join(f"{p[0]:>14}" for p in providers)
     head += "".join(f" {f + ' f/d':>12} {'n/' + f:>10}" for f in primary)
     print(head + "   (median ms)")
-    for name in args.shapes:
-        for tokens in args.tokens:
-            for m in args.experts:
-                case = make_case(SHAPES[name], tokens, m, dtype, device)
-                ran = plans(fused, case)
-                med, peak = bench_case(providers, case, args.modes, reps, iters, clock, device)
-                print(f"# {name} T={tokens} m={m} runs: " + ", ".join(
-                    f"{label}={strategy}" for label, (_, strategy) in ran.items()))
-                for mode in args.modes:
-                    row = dict(shape=name, dims=SHAPES[name], tokens=tokens, m=m, mode=mode,
-                               median_s={p[0]: med[(p[0], mode)] for p in providers},
-                               plans=ran, ratios={})
-                    for f in primary:
-                        row["ratios"][f] = dict(
-                            fused_over_dense=med[(f, mode)] / med[("dense", mode)],
-                            naive_over_fused=med[("naive", mode)] / med[(f, mode)])
-                    if peak and mode == "fwdbwd":
-                        row["peak_bytes"] = peak
-                    results.append(row)
-                    save()
-                    line = f"{name:10} {tokens:>6} {m:>2} {mode:6} " + " ".join(
-                        f"{1e3 * med[(p[0], mode)]:>14.3f}" for p in providers)
-                    line += "".join(f" {row['ratios'][f]['fused_over_dense']:>12.3f} "
-                                    f"{row['ratios'][f]['naive_over_fused']:>10.2f}" for f in primary)
-                    print(line, flush=True)
-                    if "peak_bytes" in row:
-                        print(" " * 26 + "peak MiB: " + "  ".join(
-                            f"{k} {v / 2**20:.1f}" for k, v in peak.items()))
+    for row in bench_rows(args, providers, fused, primary, dtype, device, reps, iters, clock):
+        results.append(row)
+        save()  # a run cut short keeps what it measured
 
     eval_rows = []
     if not args.no_eval_cache:
