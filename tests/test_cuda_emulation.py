@@ -58,6 +58,7 @@ def lib(tmp_path_factory):
     lib.mos_emulate_decomposition.argtypes = [i32, p, i64, ctypes.POINTER(i64)]
     lib.mos_emulate_combine.argtypes = [i32, p, p, p, i64, p]
     lib.mos_emulate_weight_grad_from_product.argtypes = [i32, p, p, p, p, p, p, p, p, i64]
+    lib.mos_emulate_one_pass.argtypes = [i32, i32, p, p, p, p, ctypes.POINTER(i64)]
     return lib
 
 
@@ -478,3 +479,95 @@ def test_weight_grad_from_broadcast_gradients(lib, shape, dtype):
     expected = torch.zeros(m, n_max, dtype=torch.float64)
     expected[:, :n_out] = -1.5 * beta64.t()
     assert_close(d_bias, expected, dtype, "d_bias")
+
+
+# ------------------------------------------------------------------------------ pipelined one pass
+# The pipelined forward / input-grad kernels (csrc/cuda/mos_linear_pipeline.cuh) emulated block by
+# block (tests/cuda_emulation.cpp): each thread's staging and fp32 mixing of a step, the schedule
+# and its double buffer, the swizzled stages, the lanes' ldmatrix rows and the accumulator map,
+# with ldmatrix and mma.sync emulated per lane; the output against the float64 reference.
+
+# (tokens, n_out, n_in, n_max, k_max, x's row padding): odd and round sizes; partial last depth
+# steps of whole chunks (72, 136, 264) and of a partial chunk (100 in x rows padded to 104);
+# several token and column tiles; a depth of one step (32); one of less than a step (1).
+PIPELINE_SHAPES = [(37, 67, 72, 70, 80, 0), (130, 72, 100, 80, 104, 4), (129, 72, 96, 72, 96, 0),
+                   (1, 1, 1, 1, 8, 0), (200, 136, 264, 140, 272, 0), (64, 64, 64, 64, 64, 0),
+                   (40, 16, 32, 16, 32, 0), (77, 33, 40, 40, 48, 0)]
+
+
+def pipeline_variant(act, experts, n_in, input_grad):
+    """The kernel pl::variant picks: 2, 4 or 8 held experts when every row loads 16 bytes at a
+    time (and, for dx, n_in is whole chunks), else 0 (the general kernel)."""
+    def rows_aligned(t, row_stride):
+        return t.stride(-1) == 1 and row_stride % 8 == 0 and t.data_ptr() % 16 == 0
+    m = experts.shape[0]
+    fast = (rows_aligned(act, act.stride(0)) and rows_aligned(experts, experts.stride(1))
+            and experts.stride(0) % 8 == 0 and (not input_grad or n_in % 8 == 0) and m <= 8)
+    return 0 if not fast else 2 if m <= 2 else 4 if m <= 4 else 8
+
+
+def emulate_one_pass(lib, act, experts, beta, bias, n_out, n_in, input_grad, dtype):
+    tokens = act.shape[0]
+    out = torch.full((tokens, n_in if input_grad else n_out), float("nan"), dtype=dtype)
+    info = (ctypes.c_int64 * 5)()
+    status = lib.mos_emulate_one_pass(DTYPE_CODES[dtype], int(input_grad),
+                                      ctypes.byref(matrix(act)),
+                                      ctypes.byref(mixture(experts, beta, n_out, n_in)),
+                                      ctypes.byref(bias_struct(bias)), ptr(out), info)
+    assert status == 0
+    return out, dict(zip(("variant", "hazards", "ldmatrix_conflicts", "store_conflicts",
+                          "bad_rows"), info))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("input_grad", [False, True], ids=["forward", "dx"])
+@pytest.mark.parametrize("layout", ["aligned", "offset"])
+@pytest.mark.parametrize("m", [1, 2, 3, 6])
+@pytest.mark.parametrize("shape", PIPELINE_SHAPES, ids=str)
+def test_pipelined_one_pass(lib, shape, m, layout, input_grad, dtype):
+    tokens, n_out, n_in, n_max, k_max, pad = shape
+    g = torch.Generator().manual_seed(m * 1000 + tokens)
+    where = "contiguous" if layout == "aligned" else "offset"
+    experts = place(torch.randn(m, n_max, k_max, generator=g) / n_in ** 0.5, where, dtype)
+    layerwise = m == 3  # one case of a stride-0 beta
+    beta = (torch.randn(m, generator=g).softmax(-1).to(dtype).expand(n_out, m) if layerwise
+            else torch.randn(n_out, m, generator=g).softmax(-1).to(dtype))
+    bias = None
+    if not input_grad:
+        bias = (torch.randn(m, n_max, generator=g) if m != 2 else
+                torch.randn(n_max, generator=g)).to(dtype)
+    depth = n_out if input_grad else n_in
+    values = torch.randn(tokens, depth, generator=g)
+    if layout == "offset":
+        act = place(values, "offset", dtype)
+    else:  # x's rows padded as the shape says; dy contiguous
+        act = place(torch.nn.functional.pad(values, (0, 0 if input_grad else pad)), "contiguous",
+                    dtype)[:, :depth]
+    out, info = emulate_one_pass(lib, act, experts, beta, bias, n_out, n_in, input_grad, dtype)
+
+    assert info["variant"] == pipeline_variant(act, experts, n_in, input_grad), info
+    assert info["hazards"] == 0 and info["bad_rows"] == 0, info
+    # The swizzle keeps every ldmatrix phase and staging store free of bank conflicts.
+    assert info["ldmatrix_conflicts"] == 0 and info["store_conflicts"] == 0, info
+    weight = torch.einsum("oi,iok->ok", beta.double(), experts.double()[:, :n_out, :n_in])
+    if input_grad:
+        expected = act.double() @ weight
+    else:
+        expected = act.double() @ weight.t()
+        if bias is not None:
+            b64 = bias.double()
+            expected += b64[:n_out] if bias.dim() == 1 else (beta.double() * b64[:, :n_out].t()).sum(1)
+    assert_close(out, expected, dtype, "dx" if input_grad else "y")
+
+
+def test_pipelined_one_pass_takes_the_fast_kernels(lib):
+    """The aligned shapes above run the fast kernels (so the main loop's unmasked loads are
+    what the reference checked), in both directions where dx's n_in is whole chunks."""
+    seen = set()
+    for tokens, n_out, n_in, n_max, k_max, _ in PIPELINE_SHAPES:
+        for m in (1, 3, 6):
+            experts = torch.zeros(m, n_max, k_max, dtype=torch.float16)
+            for input_grad in (False, True):
+                act = torch.zeros(tokens, n_out if input_grad else n_in, dtype=torch.float16)
+                seen.add((input_grad, pipeline_variant(act, experts, n_in, input_grad)))
+    assert {(False, 2), (False, 4), (False, 8), (True, 2), (True, 4), (True, 8)} <= seen

@@ -3,28 +3,32 @@
 // them to tensors.
 //
 //   forward      y  = x @ W_a^T + b_a   one pass: every weight tile is combined from the m expert
-//   input grad   dx = dy @ W_a          tiles with beta (in fp32) while it is loaded into shared
-//                                       memory; W_a is never written out
+//   input grad   dx = dy @ W_a          tiles with beta (in fp32) on its way into shared memory;
+//                                       W_a is never written out
 //   weight grad  G  = dy^T @ x          tiled over the tokens; while a tile of G is still on chip
 //                                       the epilogue writes dE = beta * G for every expert and the
 //                                       tile's dbeta partials; a small kernel then sums those in a
 //                                       fixed order (no float atomics: bit-identical runs)
 //
-// fp16 and bf16 run on tensor cores through WMMA (16x16x16 fragments, fp32 accumulation; bf16 from
-// sm_80 on), fp32 and fp64 on plain FMA tiles. Global loads are 16 bytes wide when a matrix has
-// unit stride along its last dimension and aligned rows, element by element otherwise.
+// fp16 and bf16 forward and input grad: pipelined_gemm_kernel, a double-buffered pipeline whose
+// per-thread units live in mos_linear_pipeline.cuh (which says how it works): register-staged
+// 16-byte global loads of the next step while the tensor cores (ldmatrix + mma.sync from sm_75
+// on, WMMA on sm_70) work on the current one, the experts mixed in registers while staging, two
+// blocks an SM. bf16 needs sm_80. fp32 and fp64 forward and input grad, and the weight grad of
+// every dtype, use the older single-stage tiles below (WMMA fragments for fp16 and bf16, plain
+// FMA tiles for fp32 and fp64). Global loads are 16 bytes wide when a matrix has unit stride
+// along its last dimension and aligned rows, element by element otherwise.
 //
-// Speed: the main loops stage one tile ahead in registers and run one 256-thread block per SM
-// (about 170-240 registers a thread), so they are bound by load latency, not by the tensor cores:
-// on an H100 they ran 3x to 70x slower than a dense cuBLAS GEMM of the same slice. A multi-stage
-// shared-memory pipeline (cp.async from sm_80 on) is the next step; until then the binding uses
-// combine() + cuBLAS + weight_grad_from_product() by default.
+// Speed: the single-stage tiles stage one tile ahead in registers and are bound by load latency,
+// not by the tensor cores; the binding's "auto" strategy uses combine() + cuBLAS +
+// weight_grad_from_product() (docs/design-cuda.md says which GPU gets what).
 //
 // combine() and weight_grad_from_product() are memory-bound: their work units live in
 // mos_linear_elementwise.cuh (16-byte accesses, no block synchronisation, tested on the CPU by
 // tests/test_cuda_emulation.py); this file wraps them in grid-stride kernels.
 #include "mos_linear_kernels.h"
 #include "mos_linear_elementwise.cuh"
+#include "mos_linear_pipeline.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -419,6 +423,243 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// ------------------------------------------------------------------------------ pipelined one pass
+// Forward and input grad for fp16 and bf16: the schedule, staging and index maps are in
+// mos_linear_pipeline.cuh (shared with the CPU emulation); here the warps' tensor-core products
+// and the kernel around them.
+
+namespace pl = pipeline;
+
+#if !defined(MOS_PIPELINE_PADDED)
+// sm_75 on: ldmatrix and mma.sync on the swizzled stages. A warp's 32 x 32 tile is 2 x 4
+// m16n8 accumulators; a 16-deep slice takes 2 ldmatrix.x4 of A, 2 of B and 8 m16n8k16 products
+// (on sm_75, 16 m16n8k8: the k16 fragments are two k8 fragments side by side).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// c (m16 x n8, fp32) += a (m16 x k16) b (k16 x n8).
+template <typename T>
+__device__ __forceinline__ void mma_k16(float (&c)[4], const uint32_t (&a)[4],
+                                        const uint32_t (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  if constexpr (std::is_same_v<T, __half>) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[2 * h]), "r"(a[2 * h + 1]), "r"(b[h]));
+  } else {
+    __trap();  // bf16 needs sm_80; never launched below it
+  }
+#endif
+}
+
+template <typename T, bool INPUT_GRAD>
+struct WarpMma {
+  float acc[pl::kFragsM][pl::kFragsN][4];
+  // Byte offsets in a stage of this lane's ldmatrix rows: A per 16-deep slice h; B per h
+  // (forward) or per pair p of n blocks (input grad). The other fragments are a constant
+  // distance away (pl::kAFragmentStride, pl::kBFragmentStride), folded into the instructions.
+  uint32_t a_off[2], b_off[2];
+  int warp, lane;
+
+  __device__ __forceinline__ WarpMma() : warp(threadIdx.x / 32), lane(threadIdx.x % 32) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      a_off[j] = 2 * pl::a_fragment_offset<INPUT_GRAD>(lane, pl::warp_row(warp), 16 * j);
+      b_off[j] = 2 * (INPUT_GRAD
+                          ? pl::b_fragment_offset<INPUT_GRAD>(lane, pl::warp_col(warp) + 16 * j, 0)
+                          : pl::b_fragment_offset<INPUT_GRAD>(lane, pl::warp_col(warp), 16 * j));
+    }
+#pragma unroll
+    for (int mi = 0; mi < pl::kFragsM; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < pl::kFragsN; ++ni)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  }
+
+  __device__ __forceinline__ void mma(const T* stage) {
+    static_assert(pl::kFragsN == 4, "two B pairs");
+    constexpr uint32_t kAStride = 2 * pl::kAFragmentStride;
+    constexpr uint32_t kBStride = 2 * pl::kBFragmentStride<INPUT_GRAD>;
+    const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[pl::kFragsM][4], b[pl::kFragsN][2];
+#pragma unroll
+      for (int mi = 0; mi < pl::kFragsM; ++mi) ldmatrix_x4(a[mi], base + a_off[h] + mi * kAStride);
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        uint32_t r[4];
+        if constexpr (INPUT_GRAD) {
+          ldmatrix_x4_trans(r, base + b_off[p] + h * kBStride);
+        } else {
+          ldmatrix_x4(r, base + b_off[h] + p * kBStride);
+        }
+        b[2 * p][0] = r[0];
+        b[2 * p][1] = r[1];
+        b[2 * p + 1][0] = r[2];
+        b[2 * p + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < pl::kFragsM; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < pl::kFragsN; ++ni) mma_k16<T>(acc[mi][ni], a[mi], b[ni]);
+    }
+  }
+
+  // f(r, c, v0, v1) for the pairs (r, c), (r, c + 1) this lane holds, column by column. Uses no
+  // shared memory.
+  template <typename F>
+  __device__ __forceinline__ void for_each_pair(T*, F&& f) {
+#pragma unroll
+    for (int ni = 0; ni < pl::kFragsN; ++ni)
+#pragma unroll
+      for (int mi = 0; mi < pl::kFragsM; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          f(pl::acc_row(warp, lane, mi, 2 * h), pl::acc_col(warp, lane, ni, 2 * h),
+            acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+  }
+};
+#else
+// sm_70: WMMA 16x16x16 fragments read from the padded stages, 2 x 2 per warp.
+template <typename T, bool INPUT_GRAD>
+struct WarpMma {
+  using G = pl::Geometry<INPUT_GRAD>;
+  using BLayout = std::conditional_t<INPUT_GRAD, wmma::row_major, wmma::col_major>;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  int warp;
+
+  __device__ __forceinline__ WarpMma() : warp(threadIdx.x / 32) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  __device__ __forceinline__ void mma(const T* stage) {
+    const T* w = stage + G::A::kElems;
+#pragma unroll
+    for (int kk = 0; kk < pl::kDepth; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], stage + G::A::offset(pl::warp_row(warp) + 16 * i, kk / 8),
+                               G::A::kLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int n0 = pl::warp_col(warp) + 16 * j;
+        wmma::load_matrix_sync(
+            b[j], w + (INPUT_GRAD ? G::W::offset(kk, n0 / 8) : G::W::offset(n0, kk / 8)),
+            G::W::kLd);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+
+  // Through a 16x16 fp32 scratch per warp in the stages, once every warp is done with them.
+  template <typename F>
+  __device__ __forceinline__ void for_each_pair(T* stages, F&& f) {
+    __syncthreads();
+    float* scratch = reinterpret_cast<float*>(stages) + warp * 256;
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = 2 * lane; e < 256; e += 64)
+          f(pl::warp_row(warp) + 16 * i + e / 16, pl::warp_col(warp) + 16 * j + e % 16,
+            scratch[e], scratch[e + 1]);
+        __syncwarp();
+      }
+  }
+};
+#endif
+
+// One thread's view of the schedule (pl::pipeline).
+template <typename T, bool INPUT_GRAD, int MAXM>
+struct DeviceStep {
+  static constexpr int kStageElems = pl::Geometry<INPUT_GRAD>::kStageElems;
+  pl::Stage<T, INPUT_GRAD, MAXM> staging;
+  WarpMma<T, INPUT_GRAD> warp;
+  T* stages;
+
+  __device__ __forceinline__ DeviceStep(const Matrix& act, const Mixture& mix, int64_t row0,
+                                        int64_t col0, T* stages_)
+      : staging(act, mix, row0, col0, threadIdx.x), stages(stages_) {}
+  template <bool FULL>
+  __device__ __forceinline__ void fetch(int64_t d0) { staging.template fetch<FULL>(d0); }
+  __device__ __forceinline__ void mma(int s) { warp.mma(stages + s * kStageElems); }
+  __device__ __forceinline__ void store(int s) { staging.store(stages + s * kStageElems); }
+  __device__ __forceinline__ void sync() { __syncthreads(); }
+};
+
+// Forward (INPUT_GRAD false): out (tokens, n_out) = act (tokens, n_in) @ W_a^T + b_a.
+// Input grad (INPUT_GRAD true): out (tokens, n_in) = act (tokens, n_out) @ W_a.
+// MAXM: experts held per step (2, 4, 8), or 0 for the general kernel (pl::variant picks).
+// Grid: x over tiles of tokens, y over tiles of output columns. Two blocks an SM: at most 128
+// registers a thread; the two stages take 24 KB of shared memory (30 KB padded on sm_70).
+template <typename T, bool INPUT_GRAD, int MAXM>
+__global__ void __launch_bounds__(pl::kThreads, 2)
+    pipelined_gemm_kernel(Matrix act, Mixture mix, Bias bias, T* out) {
+  if constexpr (!kCompiled<T>) {
+    __trap();
+  } else {
+    using Step = DeviceStep<T, INPUT_GRAD, MAXM>;
+    __shared__ __align__(128) T stages[2 * Step::kStageElems];
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * pl::kRows;
+    const int64_t col0 = static_cast<int64_t>(blockIdx.y) * pl::kCols;
+    Step step(act, mix, row0, col0, stages);
+    pl::pipeline(INPUT_GRAD ? mix.n_out : mix.n_in, step);
+    // The bias of a column pair is computed when the column changes (for_each_pair goes
+    // column by column).
+    int cached = -1;
+    float b0 = 0.0f, b1 = 0.0f;
+    step.warp.for_each_pair(stages, [&](int r, int c, float v0, float v1) {
+      if constexpr (!INPUT_GRAD) {
+        if (c != cached) {
+          cached = c;
+          b0 = pl::column_bias<T>(bias, mix, col0 + c);
+          b1 = pl::column_bias<T>(bias, mix, col0 + c + 1);
+        }
+      }
+      pl::write_pair<T, INPUT_GRAD>(act, mix, out, row0, col0, r, c, v0 + b0, v1 + b1);
+    });
+  }
+}
+
 // The epilogue of the weight gradient for one (BM x BN) tile of G staged in C: row o of the tile,
 // for each expert i, dE[i, o, k] = beta[o, i] G[o, k] for the tile's k, and the tile's share of
 // dbeta[o, i] = sum_k G[o, k] E[i, o, k], summed by one warp in a fixed order, written to
@@ -602,18 +843,51 @@ bool vectorisable(const Mixture& mix) {
 constexpr int64_t kMaxGridY = 65535;
 
 template <typename T, bool INPUT_GRAD>
-cudaError_t launch_mixed_gemm(const Matrix& act, const Mixture& mix, const Bias& bias, void* out,
-                              cudaStream_t stream) {
-  using Cfg = Tiles<T>;
-  const int64_t row_tiles = ceil_div(act.rows, Cfg::kRows);
-  const int64_t col_tiles = ceil_div(INPUT_GRAD ? mix.n_in : mix.n_out, Cfg::kCols);
+cudaError_t launch_pipelined(const Matrix& act, const Mixture& mix, const Bias& bias, T* out,
+                             cudaStream_t stream) {
+  const int64_t row_tiles = ceil_div(act.rows, pl::kRows);
+  const int64_t col_tiles = ceil_div(INPUT_GRAD ? mix.n_in : mix.n_out, pl::kCols);
   if (row_tiles == 0 || col_tiles == 0) return cudaSuccess;
   if (row_tiles > INT32_MAX || col_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
-  mixed_gemm_kernel<T, INPUT_GRAD>
-      <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)), Cfg::kThreads,
-         0, stream>>>(act, mix, bias, static_cast<T*>(out), vectorisable<T>(act),
-                      vectorisable<T>(mix));
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+  switch (pl::variant<T>(act, mix, INPUT_GRAD)) {
+    case 2:
+      pipelined_gemm_kernel<T, INPUT_GRAD, 2><<<grid, pl::kThreads, 0, stream>>>(act, mix, bias,
+                                                                                 out);
+      break;
+    case 4:
+      pipelined_gemm_kernel<T, INPUT_GRAD, 4><<<grid, pl::kThreads, 0, stream>>>(act, mix, bias,
+                                                                                 out);
+      break;
+    case 8:
+      pipelined_gemm_kernel<T, INPUT_GRAD, 8><<<grid, pl::kThreads, 0, stream>>>(act, mix, bias,
+                                                                                 out);
+      break;
+    default:
+      pipelined_gemm_kernel<T, INPUT_GRAD, 0><<<grid, pl::kThreads, 0, stream>>>(act, mix, bias,
+                                                                                 out);
+  }
   return cudaGetLastError();
+}
+
+// fp16 and bf16: the pipelined kernels; fp32 and fp64: the FMA tiles.
+template <typename T, bool INPUT_GRAD>
+cudaError_t launch_mixed_gemm(const Matrix& act, const Mixture& mix, const Bias& bias, void* out,
+                              cudaStream_t stream) {
+  if constexpr (kTensorCores<T>) {
+    return launch_pipelined<T, INPUT_GRAD>(act, mix, bias, static_cast<T*>(out), stream);
+  } else {
+    using Cfg = Tiles<T>;
+    const int64_t row_tiles = ceil_div(act.rows, Cfg::kRows);
+    const int64_t col_tiles = ceil_div(INPUT_GRAD ? mix.n_in : mix.n_out, Cfg::kCols);
+    if (row_tiles == 0 || col_tiles == 0) return cudaSuccess;
+    if (row_tiles > INT32_MAX || col_tiles > kMaxGridY) return cudaErrorInvalidConfiguration;
+    mixed_gemm_kernel<T, INPUT_GRAD>
+        <<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)),
+           Cfg::kThreads, 0, stream>>>(act, mix, bias, static_cast<T*>(out), vectorisable<T>(act),
+                                       vectorisable<T>(mix));
+    return cudaGetLastError();
+  }
 }
 
 // Blocks for a grid-stride launch of `units` work units (at least one).
