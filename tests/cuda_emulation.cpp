@@ -148,9 +148,14 @@ struct EmulatedStep {
     for (int t = 0; t < pl::kThreads; ++t) threads.emplace_back(act, mix, row0, col0, t);
   }
 
+  static constexpr int kGroups = pl::Stage<T, INPUT_GRAD, MAXM>::kGroups;
+
   template <bool FULL>
-  void fetch(int64_t d0) {
-    for (auto& t : threads) t.template fetch<FULL>(d0);
+  void fetch(int64_t d0, int g) {
+    for (auto& t : threads) t.template fetch<FULL>(d0, g);
+  }
+  void mix(int g) {
+    for (auto& t : threads) t.mix_group(g);
   }
 
   void store(int s) {
@@ -220,55 +225,54 @@ struct EmulatedStep {
     }
   }
 
-  void mma(int s) {
+  void mma(int s, int h) {
     if (!complete[s] || s == written) ++info.hazards;
     read = s;
     const T* stage = stages.data() + s * G::kStageElems;
-    for (int warp = 0; warp < pl::kThreads / 32; ++warp)
-      for (int h = 0; h < 2; ++h) {
-        T a[pl::kFragsM][32][4][2], b[pl::kFragsN / 2][32][4][2];
-        int offsets[32];
-        // The kernel computes one offset per lane and adds the constant fragment strides:
-        // they must agree with the offset functions.
-        for (int mi = 0; mi < pl::kFragsM; ++mi) {
-          for (int l = 0; l < 32; ++l) {
-            offsets[l] = pl::a_fragment_offset<INPUT_GRAD>(l, pl::warp_row(warp) + 16 * mi, 16 * h);
-            if (offsets[l] != pl::a_fragment_offset<INPUT_GRAD>(l, pl::warp_row(warp), 16 * h) +
-                                  mi * pl::kAFragmentStride)
-              ++info.bad_rows;
-          }
-          ldmatrix(stage, offsets, false, a[mi]);
+    for (int warp = 0; warp < pl::kThreads / 32; ++warp) {
+      T a[pl::kFragsM][32][4][2], b[pl::kFragsN / 2][32][4][2];
+      int offsets[32];
+      // The kernel computes one offset per lane and adds the constant fragment strides:
+      // they must agree with the offset functions.
+      for (int mi = 0; mi < pl::kFragsM; ++mi) {
+        for (int l = 0; l < 32; ++l) {
+          offsets[l] = pl::a_fragment_offset<INPUT_GRAD>(l, pl::warp_row(warp) + 16 * mi, 16 * h);
+          if (offsets[l] != pl::a_fragment_offset<INPUT_GRAD>(l, pl::warp_row(warp), 16 * h) +
+                                mi * pl::kAFragmentStride)
+            ++info.bad_rows;
         }
-        for (int p = 0; p < pl::kFragsN / 2; ++p) {
-          for (int l = 0; l < 32; ++l) {
-            offsets[l] = pl::b_fragment_offset<INPUT_GRAD>(l, pl::warp_col(warp) + 16 * p, 16 * h);
-            const int kernel = INPUT_GRAD
-                ? pl::b_fragment_offset<INPUT_GRAD>(l, pl::warp_col(warp) + 16 * p, 0) +
-                      h * pl::kBFragmentStride<INPUT_GRAD>
-                : pl::b_fragment_offset<INPUT_GRAD>(l, pl::warp_col(warp), 16 * h) +
-                      p * pl::kBFragmentStride<INPUT_GRAD>;
-            if (offsets[l] != kernel) ++info.bad_rows;
-          }
-          ldmatrix(stage, offsets, INPUT_GRAD, b[p]);
-        }
-        for (int mi = 0; mi < pl::kFragsM; ++mi)
-          for (int ni = 0; ni < pl::kFragsN; ++ni) {
-            // Register r of lane l for this fragment pair.
-            T a_reg[4][32][2], b_reg[2][32][2];
-            for (int l = 0; l < 32; ++l)
-              for (int e = 0; e < 2; ++e) {
-                for (int r = 0; r < 4; ++r) a_reg[r][l][e] = a[mi][l][r][e];
-                for (int r = 0; r < 2; ++r) b_reg[r][l][e] = b[ni / 2][l][2 * (ni % 2) + r][e];
-              }
-            float c[32][4];
-            for (int l = 0; l < 32; ++l)
-              for (int r = 0; r < 4; ++r) c[l][r] = acc[warp][l][mi][ni][r];
-            mma_k8(c, a_reg[0], a_reg[1], b_reg[0]);
-            mma_k8(c, a_reg[2], a_reg[3], b_reg[1]);
-            for (int l = 0; l < 32; ++l)
-              for (int r = 0; r < 4; ++r) acc[warp][l][mi][ni][r] = c[l][r];
-          }
+        ldmatrix(stage, offsets, false, a[mi]);
       }
+      for (int p = 0; p < pl::kFragsN / 2; ++p) {
+        for (int l = 0; l < 32; ++l) {
+          offsets[l] = pl::b_fragment_offset<INPUT_GRAD>(l, pl::warp_col(warp) + 16 * p, 16 * h);
+          const int kernel = INPUT_GRAD
+              ? pl::b_fragment_offset<INPUT_GRAD>(l, pl::warp_col(warp) + 16 * p, 0) +
+                    h * pl::kBFragmentStride<INPUT_GRAD>
+              : pl::b_fragment_offset<INPUT_GRAD>(l, pl::warp_col(warp), 16 * h) +
+                    p * pl::kBFragmentStride<INPUT_GRAD>;
+          if (offsets[l] != kernel) ++info.bad_rows;
+        }
+        ldmatrix(stage, offsets, INPUT_GRAD, b[p]);
+      }
+      for (int mi = 0; mi < pl::kFragsM; ++mi)
+        for (int ni = 0; ni < pl::kFragsN; ++ni) {
+          // Register r of lane l for this fragment pair.
+          T a_reg[4][32][2], b_reg[2][32][2];
+          for (int l = 0; l < 32; ++l)
+            for (int e = 0; e < 2; ++e) {
+              for (int r = 0; r < 4; ++r) a_reg[r][l][e] = a[mi][l][r][e];
+              for (int r = 0; r < 2; ++r) b_reg[r][l][e] = b[ni / 2][l][2 * (ni % 2) + r][e];
+            }
+          float c[32][4];
+          for (int l = 0; l < 32; ++l)
+            for (int r = 0; r < 4; ++r) c[l][r] = acc[warp][l][mi][ni][r];
+          mma_k8(c, a_reg[0], a_reg[1], b_reg[0]);
+          mma_k8(c, a_reg[2], a_reg[3], b_reg[1]);
+          for (int l = 0; l < 32; ++l)
+            for (int r = 0; r < 4; ++r) acc[warp][l][mi][ni][r] = c[l][r];
+        }
+    }
   }
 };
 

@@ -495,14 +495,16 @@ PIPELINE_SHAPES = [(37, 67, 72, 70, 80, 0), (130, 72, 100, 80, 104, 4), (129, 72
                    (40, 16, 32, 16, 32, 0), (77, 33, 40, 40, 48, 0)]
 
 
-def pipeline_variant(act, experts, n_in, input_grad):
+def pipeline_variant(act, experts, beta, n_in, input_grad):
     """The kernel pl::variant picks: 2, 4 or 8 held experts when every row loads 16 bytes at a
-    time (and, for dx, n_in is whole chunks), else 0 (the general kernel)."""
+    time (and, for dx, n_in is whole chunks and beta's experts contiguous), else 0 (the general
+    kernel)."""
     def rows_aligned(t, row_stride):
         return t.stride(-1) == 1 and row_stride % 8 == 0 and t.data_ptr() % 16 == 0
     m = experts.shape[0]
     fast = (rows_aligned(act, act.stride(0)) and rows_aligned(experts, experts.stride(1))
-            and experts.stride(0) % 8 == 0 and (not input_grad or n_in % 8 == 0) and m <= 8)
+            and experts.stride(0) % 8 == 0 and m <= 8
+            and (not input_grad or (n_in % 8 == 0 and beta.stride(1) == 1)))
     return 0 if not fast else 2 if m <= 2 else 4 if m <= 4 else 8
 
 
@@ -545,7 +547,7 @@ def test_pipelined_one_pass(lib, shape, m, layout, input_grad, dtype):
                     dtype)[:, :depth]
     out, info = emulate_one_pass(lib, act, experts, beta, bias, n_out, n_in, input_grad, dtype)
 
-    assert info["variant"] == pipeline_variant(act, experts, n_in, input_grad), info
+    assert info["variant"] == pipeline_variant(act, experts, beta, n_in, input_grad), info
     assert info["hazards"] == 0 and info["bad_rows"] == 0, info
     # The swizzle keeps every ldmatrix phase and staging store free of bank conflicts.
     assert info["ldmatrix_conflicts"] == 0 and info["store_conflicts"] == 0, info
@@ -567,7 +569,8 @@ def test_pipelined_one_pass_takes_the_fast_kernels(lib):
     for tokens, n_out, n_in, n_max, k_max, _ in PIPELINE_SHAPES:
         for m in (1, 3, 6):
             experts = torch.zeros(m, n_max, k_max, dtype=torch.float16)
+            beta = torch.zeros(n_out, m, dtype=torch.float16)
             for input_grad in (False, True):
                 act = torch.zeros(tokens, n_out if input_grad else n_in, dtype=torch.float16)
-                seen.add((input_grad, pipeline_variant(act, experts, n_in, input_grad)))
+                seen.add((input_grad, pipeline_variant(act, experts, beta, n_in, input_grad)))
     assert {(False, 2), (False, 4), (False, 8), (True, 2), (True, 4), (True, 8)} <= seen

@@ -503,13 +503,13 @@ struct WarpMma {
         for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
   }
 
-  __device__ __forceinline__ void mma(const T* stage) {
+  // The products of the 16-deep half h of a step.
+  __device__ __forceinline__ void mma(const T* stage, int h) {
     static_assert(pl::kFragsN == 4, "two B pairs");
     constexpr uint32_t kAStride = 2 * pl::kAFragmentStride;
     constexpr uint32_t kBStride = 2 * pl::kBFragmentStride<INPUT_GRAD>;
     const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(stage));
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    {
       uint32_t a[pl::kFragsM][4], b[pl::kFragsN][2];
 #pragma unroll
       for (int mi = 0; mi < pl::kFragsM; ++mi) ldmatrix_x4(a[mi], base + a_off[h] + mi * kAStride);
@@ -563,10 +563,11 @@ struct WarpMma {
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
 
-  __device__ __forceinline__ void mma(const T* stage) {
+  // The products of the 16-deep half h of a step.
+  __device__ __forceinline__ void mma(const T* stage, int h) {
     const T* w = stage + G::A::kElems;
-#pragma unroll
-    for (int kk = 0; kk < pl::kDepth; kk += 16) {
+    {
+      const int kk = 16 * h;
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b[2];
 #pragma unroll
@@ -612,6 +613,7 @@ struct WarpMma {
 template <typename T, bool INPUT_GRAD, int MAXM>
 struct DeviceStep {
   static constexpr int kStageElems = pl::Geometry<INPUT_GRAD>::kStageElems;
+  static constexpr int kGroups = pl::Stage<T, INPUT_GRAD, MAXM>::kGroups;
   pl::Stage<T, INPUT_GRAD, MAXM> staging;
   WarpMma<T, INPUT_GRAD> warp;
   T* stages;
@@ -620,8 +622,9 @@ struct DeviceStep {
                                         int64_t col0, T* stages_)
       : staging(act, mix, row0, col0, threadIdx.x), stages(stages_) {}
   template <bool FULL>
-  __device__ __forceinline__ void fetch(int64_t d0) { staging.template fetch<FULL>(d0); }
-  __device__ __forceinline__ void mma(int s) { warp.mma(stages + s * kStageElems); }
+  __device__ __forceinline__ void fetch(int64_t d0, int g) { staging.template fetch<FULL>(d0, g); }
+  __device__ __forceinline__ void mix(int g) { staging.mix_group(g); }
+  __device__ __forceinline__ void mma(int s, int h) { warp.mma(stages + s * kStageElems, h); }
   __device__ __forceinline__ void store(int s) { staging.store(stages + s * kStageElems); }
   __device__ __forceinline__ void sync() { __syncthreads(); }
 };

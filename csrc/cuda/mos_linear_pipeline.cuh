@@ -22,7 +22,8 @@
 // float64 reference (tests/test_cuda_emulation.py).
 //
 // Fast kernels (MAXM = 2, 4, 8 held experts, m <= MAXM): rows 16-byte aligned with unit column
-// stride (x or dy, and the experts), and for the input grad n_in a multiple of 8. Their main
+// stride (x or dy, and the experts), and for the input grad n_in a multiple of 8 and beta's
+// experts contiguous (as the binding passes it, neuron- or layer-wise). Their main
 // loop runs only over whole depth steps with 16-byte loads and no masks: rows past the matrix
 // read a valid row instead (clamped) and only feed outputs the epilogue does not write. The one
 // partial last step goes through the masked loads. Anything else (odd strides, misaligned rows,
@@ -100,7 +101,8 @@ template <typename T>
 __host__ __device__ inline int variant(const Matrix& act, const Mixture& mix, bool input_grad) {
   const bool fast = aligned_rows(act.data, act.row_stride, act.col_stride, kVec) &&
                     aligned_rows(mix.experts, mix.row_stride, mix.col_stride, kVec) &&
-                    mix.expert_stride % kVec == 0 && (!input_grad || mix.n_in % kVec == 0) &&
+                    mix.expert_stride % kVec == 0 &&
+                    (!input_grad || (mix.n_in % kVec == 0 && mix.beta_expert_stride == 1)) &&
                     mix.m <= kMaxHeld;
   if (!fast) return 0;
   return mix.m <= 2 ? 2 : mix.m <= 4 ? 4 : 8;
@@ -165,6 +167,18 @@ struct Stage {
   using W = typename G::W;
   using Acc = acc_t<T>;
   static constexpr int kHeld = MAXM > 0 ? MAXM : 1;
+  // Experts are loaded and mixed in groups of at most kGroup: group 0 with the A chunks before
+  // the first half of the step's products, group 1 (8 held) between the two halves, so that
+  // only one group's chunks occupy registers at a time.
+  static constexpr int kGroup = kHeld < 4 ? kHeld : 4;
+  static constexpr int kGroups = kHeld / kGroup;
+  static_assert(kHeld % kGroup == 0, "groups");
+  // The fewest experts a launch of this kernel has (variant() sends m <= 2 to MAXM = 2, 3-4 to
+  // 4, 5-8 to 8): experts below it need no "i < m" test.
+  static constexpr int kMinM = MAXM <= 2 ? 1 : MAXM / 2 + 1;
+  __host__ __device__ __forceinline__ bool has(int expert) const {
+    return expert < kMinM || expert < mix.m;
+  }
 
   const Matrix& act;  // the kernel's parameters (on the device, read from parameter space)
   const Mixture& mix;
@@ -173,8 +187,9 @@ struct Stage {
   const T* a_src[G::kAPerThread];  // fast loads: depth 0 of this thread's A rows (clamped)
   const T* e_src;                  // fast loads: expert 0 at depth 0 for this thread's chunk
   Chunk a[G::kAPerThread];
-  Chunk e[kHeld];
+  Chunk e[kGroup];                 // the current group's expert chunks
   Acc beta[kHeld];                 // forward: the block's, loaded once; input grad: per step
+  Acc sum[kVec];                   // the mixed chunk in fp32
 
   // Tile coordinates of this thread's chunks.
   __host__ __device__ __forceinline__ int a_row(int j) const {
@@ -197,74 +212,82 @@ struct Stage {
                                             int64_t col0_, int tid_)
       : act(act_), mix(mix_), tid(tid_), row0(row0_), col0(col0_) {
     const T* act_data = static_cast<const T*>(act.data);
+    const int64_t last = act.rows - 1;
     for (int j = 0; j < G::kAPerThread; ++j) {
       const int64_t t = row0 + a_row(j);
-      a_src[j] = act_data + (t < act.rows ? t : act.rows - 1) * act.row_stride + a_chunk(j) * kVec;
+      a_src[j] = act_data + (t > last ? last : t) * act.row_stride + a_chunk(j) * kVec;
     }
     // Forward: row o clamped to the slice (past it only output columns >= n_out read it).
     // Input grad: column k clamped to the last whole chunk (n_in is a multiple of kVec there).
     const int64_t o = INPUT_GRAD ? w_row() : (w_o(0) < mix.n_out ? w_o(0) : mix.n_out - 1);
     const int64_t k = INPUT_GRAD ? (w_k(0) < mix.n_in ? w_k(0) : mix.n_in - kVec) : w_k(0);
     e_src = static_cast<const T*>(mix.experts) + o * mix.row_stride + k;
-    for (int i = 0; i < kHeld; ++i) {
+    for (int v = 0; v < kVec; ++v) sum[v] = 0;
+    for (int i = 0; i < kGroup; ++i)
       for (int q = 0; q < 4; ++q) e[i].w[q] = 0;
+    for (int i = 0; i < kHeld; ++i) {
       beta[i] = 0;
       if (!INPUT_GRAD && MAXM > 0 && i < mix.m && w_o(0) < mix.n_out)
         beta[i] = beta_at<T>(mix, w_o(0), i);
     }
   }
 
-  // The loads of the step at depth d0. FULL: the whole step lies inside the depth and the
-  // inputs meet the fast kernel's conditions: 16-byte loads, no masks, no branches. Held
-  // experts past m re-read expert m - 1 (valid memory; never mixed in).
+  // The loads of group g of the step at depth d0 (group 0 also loads the A chunks). FULL: the
+  // whole step lies inside the depth and the inputs meet the fast kernel's conditions: 16-byte
+  // loads, no masks, no branches. Held experts past m re-read expert m - 1 (valid memory; never
+  // mixed in).
   template <bool FULL>
-  __host__ __device__ __forceinline__ void fetch(int64_t d0) {
+  __host__ __device__ __forceinline__ void fetch(int64_t d0, int g) {
     if constexpr (FULL && MAXM > 0) {
+      if (g == 0)
 MOS_UNROLL
-      for (int j = 0; j < G::kAPerThread; ++j) a[j] = *reinterpret_cast<const Chunk*>(a_src[j] + d0);
-      const T* src = e_src + (INPUT_GRAD ? d0 * mix.row_stride : d0);
+        for (int j = 0; j < G::kAPerThread; ++j)
+          a[j] = *reinterpret_cast<const Chunk*>(a_src[j] + d0);
+      const int64_t first = has(g * kGroup) ? g * kGroup : mix.m - 1;
+      const T* src = e_src + (INPUT_GRAD ? d0 * mix.row_stride : d0) + first * mix.expert_stride;
+      // Input grad: beta's row for this step's o, experts contiguous (variant() checks).
       [[maybe_unused]] const T* b = static_cast<const T*>(mix.beta) +
                                     (d0 + w_row()) * mix.beta_row_stride;
 MOS_UNROLL
-      for (int i = 0; i < MAXM; ++i) {
+      for (int i = 0; i < kGroup; ++i) {
+        const int expert = g * kGroup + i;
         e[i] = *reinterpret_cast<const Chunk*>(src);
-        if constexpr (INPUT_GRAD) beta[i] = to_acc(*b);
-        if (i + 1 < mix.m) {
-          src += mix.expert_stride;
-          if constexpr (INPUT_GRAD) b += mix.beta_expert_stride;
-        }
+        if constexpr (INPUT_GRAD)
+          if (has(expert)) beta[expert] = to_acc(b[expert]);
+        if (has(expert + 1)) src += mix.expert_stride;
       }
     } else {
-      fetch_masked(d0);
+      fetch_masked(d0, g);
     }
   }
 
   // Element by element, zero outside the matrices: the partial last step, and every step of
-  // the general kernel (which also mixes here, all m experts in order).
-  __host__ __device__ void fetch_masked(int64_t d0) {
+  // the general kernel, which mixes here (all m experts in order, into sum) and has one group.
+  __host__ __device__ void fetch_masked(int64_t d0, int g) {
     const T* act_data = static_cast<const T*>(act.data);
-    for (int j = 0; j < G::kAPerThread; ++j) {
-      const int64_t t = row0 + a_row(j), c = d0 + a_chunk(j) * kVec;
-      Pack<T, kVec> p;
-      for (int v = 0; v < kVec; ++v)
-        p.v[v] = t < act.rows && c + v < act.cols
-                     ? act_data[t * act.row_stride + (c + v) * act.col_stride] : zero<T>();
-      a[j] = to_chunk(p);
-    }
+    if (g == 0)
+      for (int j = 0; j < G::kAPerThread; ++j) {
+        const int64_t t = row0 + a_row(j), c = d0 + a_chunk(j) * kVec;
+        Pack<T, kVec> p;
+        for (int v = 0; v < kVec; ++v)
+          p.v[v] = t < act.rows && c + v < act.cols
+                       ? act_data[t * act.row_stride + (c + v) * act.col_stride] : zero<T>();
+        a[j] = to_chunk(p);
+      }
     const int64_t o = w_o(d0), k = w_k(d0);
     const bool row_in = o < mix.n_out;
     if constexpr (MAXM > 0) {
-      for (int i = 0; i < MAXM; ++i) {
-        if (i >= mix.m) continue;
-        const T* row = expert_row<T>(mix, i, row_in ? o : 0);
+      for (int i = 0; i < kGroup; ++i) {
+        const int expert = g * kGroup + i;
+        if (expert >= mix.m) continue;
+        const T* row = expert_row<T>(mix, expert, row_in ? o : 0);
         Pack<T, kVec> p;
         for (int v = 0; v < kVec; ++v)
           p.v[v] = row_in && k + v < mix.n_in ? row[(k + v) * mix.col_stride] : zero<T>();
         e[i] = to_chunk(p);
-        if constexpr (INPUT_GRAD) beta[i] = row_in ? beta_at<T>(mix, o, i) : Acc(0);
+        if constexpr (INPUT_GRAD) beta[expert] = row_in ? beta_at<T>(mix, o, expert) : Acc(0);
       }
     } else {
-      Acc sum[kVec];
       for (int v = 0; v < kVec; ++v) sum[v] = 0;
       if (row_in)
         for (int64_t i = 0; i < mix.m; ++i) {
@@ -273,78 +296,95 @@ MOS_UNROLL
           for (int v = 0; v < kVec; ++v)
             if (k + v < mix.n_in) sum[v] += b * to_acc(row[(k + v) * mix.col_stride]);
         }
-      for (int q = 0; q < 4; ++q) e[0].w[q] = pack<T>(sum[2 * q], sum[2 * q + 1]);
     }
   }
 
-  // The mixed weight chunk: sum_i beta[o, i] E[i, o, k..k+8) in fp32, experts in order, rounded
-  // once to T.
-  __host__ __device__ __forceinline__ Chunk mixed() const {
-    if constexpr (MAXM == 0) {
-      return e[0];
-    } else {
-      Acc sum[kVec];
+  // Group g's experts into the fp32 sum: sum_i beta[o, i] E[i, o, k..k+8), experts in order
+  // (group 0 starts the sum).
+  __host__ __device__ __forceinline__ void mix_group(int g) {
+    if constexpr (MAXM > 0) {
 MOS_UNROLL
-      for (int q = 0; q < 4; ++q) {
-        unpack<T>(e[0].w[q], sum[2 * q], sum[2 * q + 1]);
-        sum[2 * q] *= beta[0];
-        sum[2 * q + 1] *= beta[0];
-      }
+      for (int i = 0; i < kGroup; ++i) {
+        const int expert = g * kGroup + i;
+        if (expert == 0) {
 MOS_UNROLL
-      for (int i = 1; i < MAXM; ++i)
-        if (i < mix.m)
+          for (int q = 0; q < 4; ++q) {
+            unpack<T>(e[i].w[q], sum[2 * q], sum[2 * q + 1]);
+            sum[2 * q] *= beta[0];
+            sum[2 * q + 1] *= beta[0];
+          }
+        } else if (has(expert)) {
 MOS_UNROLL
           for (int q = 0; q < 4; ++q) {
             Acc lo, hi;
             unpack<T>(e[i].w[q], lo, hi);
-            sum[2 * q] += beta[i] * lo;
-            sum[2 * q + 1] += beta[i] * hi;
+            sum[2 * q] += beta[expert] * lo;
+            sum[2 * q + 1] += beta[expert] * hi;
           }
-      Chunk out;
-MOS_UNROLL
-      for (int q = 0; q < 4; ++q) out.w[q] = pack<T>(sum[2 * q], sum[2 * q + 1]);
-      return out;
+        }
+      }
     }
   }
 
-  // The A chunks and the mixed weight chunk into one stage (A tile, then W tile).
+  // The A chunks and the mixed weight chunk, rounded once to T, into one stage (A tile, then W
+  // tile).
   __host__ __device__ __forceinline__ void store(T* stage) const {
 MOS_UNROLL
     for (int j = 0; j < G::kAPerThread; ++j)
       *reinterpret_cast<Chunk*>(stage + A::offset(a_row(j), a_chunk(j))) = a[j];
-    *reinterpret_cast<Chunk*>(stage + A::kElems + W::offset(w_row(), w_chunk())) = mixed();
+    Chunk w;
+MOS_UNROLL
+    for (int q = 0; q < 4; ++q) w.w[q] = pack<T>(sum[2 * q], sum[2 * q + 1]);
+    *reinterpret_cast<Chunk*>(stage + A::kElems + W::offset(w_row(), w_chunk())) = w;
   }
 };
 
-// The schedule every thread runs (uniform control flow), over `depth` in steps of kDepth:
-// s.fetch<FULL>(d0), s.mma(stage), s.store(stage), s.sync(). Between two syncs the threads
+// The schedule every thread runs (uniform control flow), over `depth` in steps of kDepth, with
+// Step::kGroups expert groups: s.fetch<FULL>(d0, group), s.mix(group), s.mma(stage, half) for
+// the two 16-deep halves of a step, s.store(stage), s.sync(). Between two syncs the threads
 // write one stage and read only the other, so one barrier a step suffices; the main loop covers
 // the whole steps, then the partial one, if any, goes through the masked loads.
+template <bool FULL, typename Step>
+__host__ __device__ __forceinline__ void load_step(Step& s, int64_t d0) {
+  for (int g = 0; g < Step::kGroups; ++g) {
+    s.template fetch<FULL>(d0, g);
+    s.mix(g);
+  }
+}
+template <bool FULL, typename Step>
+__host__ __device__ __forceinline__ void overlapped_step(Step& s, int64_t d0, int current) {
+  s.template fetch<FULL>(d0, 0);
+  s.mma(current, 0);
+  if (Step::kGroups > 1) {
+    s.mix(0);
+    s.template fetch<FULL>(d0, 1);
+  }
+  s.mma(current, 1);
+  s.mix(Step::kGroups - 1);
+  s.store(current ^ 1);
+  s.sync();
+}
+
 template <typename Step>
 __host__ __device__ __forceinline__ void pipeline(int64_t depth, Step& s) {
+  static_assert(Step::kGroups == 1 || Step::kGroups == 2, "one or two expert groups");
   const int64_t whole = depth / kDepth;
   if (whole > 0) {
-    s.template fetch<true>(0);
+    load_step<true>(s, 0);
   } else {
-    s.template fetch<false>(0);
+    load_step<false>(s, 0);
   }
   s.store(0);
   s.sync();
   int64_t step = 0;
-  for (; step + 1 < whole; ++step) {
-    s.template fetch<true>((step + 1) * kDepth);
-    s.mma(static_cast<int>(step & 1));
-    s.store(static_cast<int>((step + 1) & 1));
-    s.sync();
-  }
+  for (; step + 1 < whole; ++step)
+    overlapped_step<true>(s, (step + 1) * kDepth, static_cast<int>(step & 1));
   if (whole > 0 && depth % kDepth != 0) {
-    s.template fetch<false>(whole * kDepth);
-    s.mma(static_cast<int>(step & 1));
-    s.store(static_cast<int>((step + 1) & 1));
-    s.sync();
+    overlapped_step<false>(s, whole * kDepth, static_cast<int>(step & 1));
     ++step;
   }
-  s.mma(static_cast<int>(step & 1));
+  s.mma(static_cast<int>(step & 1), 0);
+  s.mma(static_cast<int>(step & 1), 1);
 }
 
 // ------------------------------------------------------------------------------ fragments
