@@ -278,6 +278,21 @@ def test_pipelined_main_loop_sm75_instructions_per_hmma():
         assert r["loop_local"] == 0, (key, r)
 
 
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc on PATH")
+@pytest.mark.parametrize("arch", ["75", "80", "90"])
+def test_weight_grad_kernel_does_not_spill(arch):
+    """The one-pass weight gradient (two blocks an SM by its launch bounds) keeps its tiles in
+    registers: 32 tokens a step leave room for the WMMA fragments and the staged tiles."""
+    skip_unless_arch(arch)
+    source = os.path.join(ROOT, "csrc", "cuda", ELEMENTWISE_SOURCE)
+    cmd, code, log, _ = compile_kernels(source, arch)
+    assert code == 0, f"{cmd}\n{log}"
+    ours = {n: u for n, u in ptxas_report(log).items() if "weight_grad_kernel" in n}
+    assert len(ours) == 4, sorted(ours)
+    spilled = {n: u for n, u in ours.items() if u[1] or u[2]}
+    assert not spilled, spilled
+
+
 def print_report(archs):
     for arch in archs:
         for key, r in sorted(pipelined_report(arch).items()):

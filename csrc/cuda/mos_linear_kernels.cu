@@ -66,7 +66,8 @@ constexpr bool kCompiled = std::is_same_v<T, __half>          ? kHalfMma
 
 // ------------------------------------------------------------------------------ tile shapes
 
-// Forward and input grad: (kRows tokens) x (kCols outputs) per block, kDepth deep per step.
+// Forward and input grad in fp32 and fp64 (fp16 and bf16: mos_linear_pipeline.cuh): (kRows
+// tokens) x (kCols outputs) per block, kDepth deep per step.
 // Weight grad: (kGradRows of n_out) x (kGradCols of n_in) per block, kGradDepth tokens per step.
 template <typename T, bool = kTensorCores<T>> struct Tiles;
 // (Enumerators rather than static members: nvcc warns of members unused where the bf16 kernels
@@ -74,7 +75,7 @@ template <typename T, bool = kTensorCores<T>> struct Tiles;
 template <typename T> struct Tiles<T, true> {    // 8 warps as 2 x 4, WMMA fragments
   enum : int { kThreads = 256, kVec = 8 };
   enum : int { kRows = 128, kCols = 128, kDepth = 32 };
-  enum : int { kGradRows = 64, kGradCols = 128, kGradDepth = 64 };
+  enum : int { kGradRows = 64, kGradCols = 128, kGradDepth = 32 };
 };
 template <typename T> struct Tiles<T, false> {   // 16 x 16 threads, 4 x 4 outputs each
   enum : int { kThreads = 256, kVec = 16 / static_cast<int>(sizeof(T)) };
