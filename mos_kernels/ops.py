@@ -121,8 +121,10 @@ def resolve_strategy(strategy: str = "auto", backend: str = "auto", tokens: int 
     allowed values). "auto":
       reference  "combine": the naive loop builds W_a, then F.linear (only "auto" is accepted);
       cpu        "combine" always (the only form the C++ kernels have);
-      cuda       "combine" (combine, then cuBLAS): faster than the one-pass WMMA kernels at every
-                 shape and token count measured on an H100 (benchmarks/roofline.py --measure);
+      cuda       "combine" (combine, then cuBLAS): faster than the earlier single-stage one-pass
+                 kernels at every shape and token count measured on an H100 (benchmarks/
+                 roofline.py --measure); the pipelined one-pass forward/dx kernels that replaced
+                 them (fp16 on sm_70/75, docs/design-cuda.md) are not yet timed on a GPU;
       triton     triton_backend.choose_strategy: "combine" from COMBINE_MIN_TOKENS (16384) tokens
                  on, and always for exact fp32 (TF32 not allowed) and fp64; "one_pass" below.
     """

@@ -7,11 +7,14 @@
 //             for y; backward: G = dy^T x by cuBLAS, then the expert-gradient epilogue kernel,
 //             which also writes W_a again for dx = dy @ W_a by cuBLAS (a combine of its own when
 //             only dx is asked for);
-//   one_pass: the one-pass kernels (W_a combined tile by tile on chip, never stored;
+//   one_pass: the one-pass kernels (W_a combined tile by tile on chip, never stored: for fp16
+//             and bf16 the pipelined forward / dx kernels of mos_linear_pipeline.cuh;
 //             G = dy^T x tiled with the expert-gradient epilogue in the same kernel).
 // "auto" is combine: on an H100 it was faster for every benchmark shape and token count (512 to
-// 16384; benchmarks/roofline.py --measure), the one-pass kernels being latency-bound (one stage
-// of register prefetch, one block per SM). Neither strategy stores an (m, N, K) temporary.
+// 16384; benchmarks/roofline.py --measure) than the earlier single-stage one-pass kernels. The
+// pipelined kernels that replaced them for the forward and dx have not been timed on a GPU yet
+// (docs/design-cuda.md), so "auto" stays combine until they are. Neither strategy stores an
+// (m, N, K) temporary.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
