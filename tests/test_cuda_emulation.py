@@ -527,6 +527,17 @@ def emulate_one_pass(lib, act, experts, beta, bias, n_out, n_in, input_grad, dty
 @pytest.mark.parametrize("m", [1, 2, 3, 6])
 @pytest.mark.parametrize("shape", PIPELINE_SHAPES, ids=str)
 def test_pipelined_one_pass(lib, shape, m, layout, input_grad, dtype):
+    check_pipelined(lib, shape, m, layout, input_grad, dtype)
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["forward", "dx"])
+@pytest.mark.parametrize("shape", [PIPELINE_SHAPES[2], PIPELINE_SHAPES[4]], ids=str)
+def test_pipelined_one_pass_more_experts_than_held(lib, shape, input_grad):
+    """m = 9 > 8: the general kernel, on aligned rows too."""
+    check_pipelined(lib, shape, 9, "aligned", input_grad, torch.float16)
+
+
+def check_pipelined(lib, shape, m, layout, input_grad, dtype):
     tokens, n_out, n_in, n_max, k_max, pad = shape
     g = torch.Generator().manual_seed(m * 1000 + tokens)
     where = "contiguous" if layout == "aligned" else "offset"
