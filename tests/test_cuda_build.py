@@ -138,7 +138,7 @@ def test_sm70_wmma_path_compiles():
     assert not spilled, spilled
 
 
-# ------------------------------------------------------------------------------ SASS of the pipelined kernels
+# ------------------------------------------------------------------ SASS of the pipelined kernels
 
 PIPELINED = "pipelined_gemm_kernel"
 MAX_PER_HMMA = 10

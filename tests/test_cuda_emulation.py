@@ -569,7 +569,8 @@ def check_pipelined(lib, shape, m, layout, input_grad, dtype):
         expected = act.double() @ weight.t()
         if bias is not None:
             b64 = bias.double()
-            expected += b64[:n_out] if bias.dim() == 1 else (beta.double() * b64[:, :n_out].t()).sum(1)
+            expected += (b64[:n_out] if bias.dim() == 1
+                         else (beta.double() * b64[:, :n_out].t()).sum(1))
     assert_close(out, expected, dtype, "dx" if input_grad else "y")
 
 
