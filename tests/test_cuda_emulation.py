@@ -4,7 +4,9 @@ dbeta and dbias) run on the CPU, unit by unit over the kernels' own grid (tests/
 against the float64 reference. The emulation also counts the elements each access path moves: on
 rows that start 16-byte aligned (stride 1) whole 16-byte slots must take the 16-byte path and only
 a row's partial last slot may go element by element; unaligned and strided rows go element by
-element throughout, with the same results bit for bit. Needs nvcc for the CUDA headers, no GPU."""
+element throughout, with the same results bit for bit. The pipelined one-pass forward / dx kernels
+(csrc/cuda/mos_linear_pipeline.cuh) run block by block too, with ldmatrix and mma.sync emulated per
+lane (tests at the end of this file). Needs nvcc for the CUDA headers, no GPU."""
 import ctypes
 import os
 import shutil
