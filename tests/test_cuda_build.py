@@ -86,12 +86,16 @@ def test_there_are_kernel_files():
     assert KERNEL_FILES, "csrc/cuda/*.cu not found"
 
 
+# Objects of the compiles below, removed when the process exits.
+BUILD_DIR = tempfile.TemporaryDirectory(prefix="mos_cuda_build_")
+
+
 @functools.lru_cache(maxsize=None)
 def compile_kernels(source, arch, defines=()):
     """(command, return code, nvcc and ptxas log, object file) of one compile, cached: the build
     and SASS tests share it."""
-    out_dir = tempfile.mkdtemp(prefix="mos_cuda_build_")
-    obj = os.path.join(out_dir, os.path.basename(source) + f".sm{arch}.o")
+    tag = "".join(f".{d}" for d in defines)
+    obj = os.path.join(BUILD_DIR.name, os.path.basename(source) + f".sm{arch}{tag}.o")
     cmd = [NVCC, *FLAGS, *(f"-D{d}" for d in defines), "-Xptxas", "-v", "-gencode",
            f"arch=compute_{arch},code=sm_{arch}", "-c", source, "-o", obj]
     result = subprocess.run(cmd, capture_output=True, text=True)
