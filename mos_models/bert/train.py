@@ -17,7 +17,7 @@ import torch
 from ..common import trainer
 from ..common.run import Run, load_run as _load_run
 from ..common.trainer import Task, TrainConfig, fill_none
-from ..common.training import fused_adam_options, step_seed
+from ..common.training import batch_indices, fused_adam_options, step_seed
 from .data import load_blocks, load_meta, mask_tokens, unigram_perplexity
 from .export import save_exported
 from .model import BertMLM, BertSupernet, build_model, perplexity, static_hparams
@@ -55,21 +55,6 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                              betas=(0.9, 0.98), eps=1e-6, **fused_adam_options(decay + no_decay))
-
-
-def batch_indices(step: int, num_blocks: int, batch_size: int, rank: int, world: int,
-                  seed: int) -> torch.Tensor:
-    """Block indices of this rank's batch at ``step``: one seeded permutation per epoch, each
-    global batch split across the ranks."""
-    per_epoch = num_blocks // (batch_size * world)
-    if per_epoch == 0:
-        raise ValueError(f"train: {num_blocks} training blocks are fewer than one global batch "
-                         f"of {batch_size * world}; lower --batch-size or --seq-len")
-    epoch, i = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_blocks, generator=g)
-    start = (i * world + rank) * batch_size
-    return perm[start:start + batch_size]
 
 
 def masked_valid(data_dir: str, seq_len: int, vocab_size: int, max_blocks: Optional[int] = None):

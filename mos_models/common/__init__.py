@@ -4,7 +4,8 @@
   schedule, seeds, mixed precision, torch.compile, DDP, checkpoints and --resume, logging.
 - run: the run-directory and export-directory formats, ``load_run``, ``save_export``.
 - checkpoint: atomic save, weights-only load, the newest loadable checkpoint.
-- training: the step's pieces (sampling, sandwich step, MixedPrecision, the schedule).
+- training: the step's pieces (sampling, batch indices, sandwich step, MixedPrecision, the
+  schedule).
 - distributed: torchrun/DDP set-up and the clock shared by all ranks.
 - compile: --compile.
 - elastic: ElasticLinear (standard / neuron-wise MoS / layer-wise MoS behind one interface),
@@ -25,14 +26,15 @@ from .evolution import EvolutionConfig, GeneSpace, SearchResult, evolutionary_se
 from .run import Run, load_export, load_run, read_run_config, save_export, write_json
 from .timing import measure_latency, time_runs, trimmed_mean
 from .trainer import Task, TrainConfig, fill_none, train
-from .training import (AMP, SAMPLING, MixedPrecision, arch_rng, fused_adam_options, lr_factor,
+from .training import (AMP, SAMPLING, MixedPrecision, arch_rng, batch_indices,
+                       fused_adam_options, lr_factor,
                        progress_bar, sample_archs, sandwich_step, step_seed, warmup_cosine,
                        warmup_cosine_factor)
 
 __all__ = [
     "AMP", "BACKENDS", "CheckpointError", "DistInfo", "ElasticEmbedding", "ElasticLayerNorm",
     "ElasticLinear", "EvolutionConfig", "GeneSpace", "MixedPrecision", "Run", "SAMPLING",
-    "STRATEGIES", "SearchResult", "Task", "TrainConfig", "arch_rng", "barrier",
+    "STRATEGIES", "SearchResult", "Task", "TrainConfig", "arch_rng", "barrier", "batch_indices",
     "cleanup_distributed", "evolutionary_search", "fill_none", "fused_adam_options",
     "init_distributed", "latest_checkpoint", "load_checkpoint", "load_export", "load_latest",
     "load_run", "load_training_state", "lr_factor", "measure_latency", "progress_bar",

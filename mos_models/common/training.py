@@ -1,4 +1,4 @@
-"""The pieces of a supernet training step: sampling, seeds, the sandwich step, mixed precision,
+"""The pieces of a supernet training step: sampling, seeds, batch indices, the sandwich step, mixed precision,
 the optimizer options, the learning-rate schedule and the progress bar.
 
 A supernet here is an nn.Module with ``set_arch(arch)``, where ``arch`` comes from a
@@ -44,6 +44,21 @@ def sample_archs(space: Optional[GeneSpace], rng: random.Random, mode: str = "sa
     if mode == "sandwich":
         return [space.largest(), space.smallest(), space.sample(rng)]
     return [space.sample(rng)]
+
+
+def batch_indices(step: int, count: int, batch_size: int, rank: int, world: int,
+                  seed: int) -> torch.Tensor:
+    """Indices (of ``count`` training examples: blocks, sentences) of this rank's batch at
+    ``step``: one seeded permutation per epoch, each global batch split across the ranks."""
+    per_epoch = count // (batch_size * world)
+    if per_epoch == 0:
+        raise ValueError(f"train: {count} training examples are fewer than one global batch "
+                         f"of {batch_size * world}; lower --batch-size (or --seq-len)")
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(count, generator=g)
+    start = (i * world + rank) * batch_size
+    return perm[start:start + batch_size]
 
 
 def fused_adam_options(params) -> Dict[str, bool]:
