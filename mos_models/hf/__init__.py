@@ -10,7 +10,9 @@
 Modules: families (which models, recognised by structure), importance (calibration: neuron and
 layer importance, neuron permutation), supernet (to_supernet, HFSupernet, HFSpace), export
 (to_static, export, load_pretrained), distill (in-place distillation losses), metrics
-(teacher_cosine, perplexity, cost_report), corpus (the embedded text and text_batches).
+(teacher_cosine, perplexity, cost_report), corpus (the embedded text and text_batches), train
+(HFTask: training on the shared core, ``python -m mos_models.hf train``), runs (evaluate, search
+and export of a run), tiny (small model directories for tests and demos).
 """
 from .corpus import default_corpus, load_texts, text_batches
 from .distill import (DISTILL_KINDS, distill_loss, hidden_cosine, hidden_mse, kl_logits,
