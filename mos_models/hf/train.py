@@ -213,7 +213,9 @@ class HFTask(Task):
     def describe(self, model: HFSupernet) -> str:
         c = self.config
         return (f"{type(self.teacher).__name__} ({model.family.name}) from {c.model}, "
-                f"{c.supernet} supernet (m={c.num_experts}), teacher {c.teacher}, distillation "
+                f"{c.supernet} supernet"
+                + (f" (m={c.num_experts})" if c.supernet != "standard" else "")
+                + f", teacher {c.teacher}, distillation "
                 f"{self.kind}{', LM loss' if self.causal else ''}, space {model.space.genes}, "
                 f"{len(self.texts)} training / {len(self.valid)} held-out sentences, batch "
                 f"{c.batch_size} per process")
