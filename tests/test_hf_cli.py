@@ -218,3 +218,17 @@ def test_clear_errors(runs, tmp_path):
     _fails(["search", "--run", str(runs["llama"]), "--max-params", "10", "--json",
             str(tmp_path / "s.json")], "below the smallest architecture's")
     assert not (tmp_path / "x").exists()
+
+
+def test_data_directory_and_held_out_split(model_dirs, tmp_path):
+    (tmp_path / "text").mkdir()
+    lines = [f"sentence number {i} about the river and the bread" for i in range(12)]
+    (tmp_path / "text" / "a.txt").write_text("\n".join(lines[:7]) + "\n")
+    (tmp_path / "text" / "b.txt").write_text("\n".join(lines[7:]) + "\n")
+    task, _ = _task(model_dirs["bert"], data=str(tmp_path / "text"), valid_every=4)
+    assert task.valid == [lines[3], lines[7], lines[11]]
+    assert task.texts == [t for t in lines if t not in task.valid]
+    inputs, labels = task.batch(1)
+    assert inputs["input_ids"].shape[0] == 4 and labels is None
+    with pytest.raises(FileNotFoundError, match="--data"):
+        _task(model_dirs["bert"], data=str(tmp_path / "missing"))
