@@ -239,6 +239,7 @@ class Study:
         self.runtime = runtime
         self.device = runtime.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._scorer = None
+        self.started_in: Optional[Dict] = None  # environment() when run() began
 
     # -- plan -----------------------------------------------------------------------------------
     def settings(self) -> Dict:
@@ -280,6 +281,8 @@ class Study:
     # -- the whole study ------------------------------------------------------------------------
     def run(self) -> Dict:
         self.out.mkdir(parents=True, exist_ok=True)
+        # the code that trains is the code at the start: main may move on during a long study
+        self.started_in = environment()
         archs = self.plan()
         jobs = self.jobs(archs)
         self.log(f"study: {len(archs)} architectures of {archs[0]['params']:,} to "
@@ -394,7 +397,8 @@ class Study:
         report = {"format": STUDY_FORMAT, "settings": self.settings(),
                   "metrics": [asdict(m) for m in metrics], "archs": archs,
                   "runs": [self._run_info(j) for j in jobs], "rows": rows, "summary": summary,
-                  "noise_floor": noise, "environment": environment()}
+                  "noise_floor": noise,
+                  "environment": self.started_in or environment()}
         write_json(self.out / "study.json", report)
         (self.out / "study.md").write_text(markdown(report))
         plot(report, self.out / "study.png", self.log)
