@@ -185,6 +185,18 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
 
 
+def test_atomic_files_get_a_plain_files_mode(tmp_path):
+    """The temp file behind every atomic write is renamed into place: it must not keep
+    mkstemp's private 0600 mode (a shared run directory would be unreadable to others)."""
+    from mos_models.common.run import write_json
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777
+    for path in (write_json(tmp_path / "a.json", {"a": 1}),
+                 save_checkpoint({"a": 1}, tmp_path / "state.pt")):
+        assert path.stat().st_mode & 0o777 == expected, path
+
+
 def test_training_state_round_trip_and_keep(tmp_path):
     torch.manual_seed(5)
     model = nn.Linear(3, 2)

@@ -34,11 +34,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded: unreadable, or holding pickled Python objects."""
 
 
+# The process's umask, read once at import (reading it means setting it).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def temp_beside(path: PathLike) -> Tuple[int, str]:
+    """(fd, name) of a new temporary file in ``path``'s folder, to be renamed onto ``path``.
+    mkstemp makes it private (0600); it gets the mode a plain open() would give instead."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 def save_checkpoint(obj: Any, path: PathLike) -> Path:
     """torch.save(obj) to ``path`` atomically (temp file, flush, fsync, os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

@@ -24,7 +24,6 @@ An export directory holds one static sub-network, loadable without the supernet 
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -32,7 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_latest
+from .checkpoint import CheckpointError, load_latest, temp_beside
 
 RUN_FORMAT = "mos-run/1"
 EXPORT_FORMAT = "mos-export/1"
@@ -43,7 +42,7 @@ def write_json(path: PathLike, obj: Any) -> Path:
     """``obj`` as indented JSON at ``path``, written atomically (temp file, os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, default=str)
         f.write("\n")
@@ -111,7 +110,7 @@ def save_export(out_dir: PathLike, task: str, model_config: Dict, model: nn.Modu
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=out)
+    fd, tmp = temp_beside(out / "model.safetensors")
     os.close(fd)
     save_file(weights, tmp, metadata={"format": EXPORT_FORMAT, "task": task})
     os.replace(tmp, out / "model.safetensors")
