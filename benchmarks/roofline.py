@@ -1,17 +1,23 @@
-"""Roofline model of the MoS linear op: predicted times and MoS overhead on V100, A100 and H100.
+"""Roofline model of the MoS linear op: predicted GPU times and MoS overhead on V100, A100, H100.
 
-For each form of the op it counts the floating-point work and the fewest bytes each kernel must
-move through device memory, and charges every kernel max(work / peak, bytes / bandwidth) plus a
-launch cost. Forms (docs/design.md, section 1):
+For each form of the op it counts the floating-point work, the fewest bytes each kernel must move
+through device memory and, for the one-pass GEMM kernels, the issue slots their compiled main
+loop takes, and charges every kernel max(tensor-core time, issue time, bytes / bandwidth). Host
+time (one launch per kernel) is kept out of the GPU time and reported beside it. Forms
+(docs/design.md, section 1):
 
   dense    what a plain supernet does: F.linear on the [:n_out, :n_in] slice of one weight
   naive    the paper's code: a Python loop of m broadcast multiplies and adds builds W_a, then
            F.linear; backward goes through autograd, which also turns every expert's slice
            gradient into a full (m, N_max, K_max) tensor and sums those
-  one_pass one pass (strategy="one_pass"): W_a combined tile by tile on chip
-           while the GEMM runs, never stored; dx likewise; G = dy^T x with the epilogue that
-           writes dE and the dbeta partials. This is the form's floor: the cuda backend's WMMA
-           kernels are latency-bound and measured far above it (--measure shows by how much)
+  one_pass one pass (strategy="one_pass"): W_a mixed tile by tile in registers while the GEMM
+           runs, never stored; dx likewise; G = dy^T x with the epilogue that writes dE and the
+           dbeta partials. The forward and dx kernels are charged by the SASS of their main loop
+           (TRITON_SASS on A100/H100, CUDA_SASS for the cuda backend's WMMA kernels on V100):
+           every k-iteration of every tile issues that many instructions per warp, an SM issues
+           4 per clock (one per scheduler), and the tensor cores run meanwhile: time =
+           max(tensor time of the padded tiles, issue time, bytes / bandwidth), for the tile
+           configuration the autotuner would pick (the fastest by this count)
   combine  combine-then-GEMM (strategy="combine"): one pass writes W_a, then the
            vendor GEMM; backward: G by the vendor GEMM, then one epilogue pass that writes dE, the
            dbeta partials and W_a again (from the expert rows it reads anyway), then dx by the
@@ -19,15 +25,18 @@ launch cost. Forms (docs/design.md, section 1):
   saved    combine with save_mixed_weight=True: W_a kept from the forward, so the backward's
            epilogue does not write it (n_out x n_in more memory until the backward)
 
-The MoS overhead is min(one_pass, combine, saved) / dense. All numbers are predictions from
-datasheet peaks (PEAKS below), not measurements; with --measure, on a CUDA GPU, the script also
+The vendor GEMMs are charged at the datasheet peak. The MoS overhead is
+min(one_pass, combine, saved) / dense. All numbers are predictions from datasheet peaks (PEAKS
+below) and compiled-code counts, not measurements; with --measure, on a CUDA GPU, the script also
 times the same forms there (this repository's "cuda" backend with strategy="one_pass" and
 "combine", and with save_mixed_weight=True; the "triton" backend's strategies too where it runs:
 GPU time per call from CUDA events around many calls, the host's launch overhead hidden) and
 puts them beside the prediction for that GPU. Each measured row records the (backend, strategy)
-that ran (mos_kernels.plan).
+that ran (mos_kernels.plan). --rule prints the token counts from which the model puts combine
+ahead of one pass (the rule of strategy="auto" in the triton backend, COMBINE_MIN_TOKENS).
 
     python benchmarks/roofline.py --out benchmarks/results/roofline.json
+    python benchmarks/roofline.py --rule
     python benchmarks/roofline.py --measure --out benchmarks/results/roofline_h100.json
 """
 import argparse
@@ -37,21 +46,43 @@ import os
 import sys
 import time
 
-# Datasheet peaks, dense (no structured sparsity), SXM boards:
-#   V100 SXM2:      125 TFLOP/s fp16 tensor cores (no bf16), 15.7 TFLOP/s fp32, 900 GB/s HBM2
-#   A100 SXM4 80GB: 312 TFLOP/s fp16/bf16 tensor cores, 19.5 TFLOP/s fp32, 2039 GB/s HBM2e
-#   H100 SXM5:      989 TFLOP/s fp16/bf16 tensor cores, 67 TFLOP/s fp32, 3350 GB/s HBM3
-# wmma_fraction: the share of the tensor-core peak that WMMA (mma.sync) can reach. 1 on V100 and
-# A100; on H100 the full rate needs wgmma, which WMMA does not use: 0.6 is our assumption (not a
-# datasheet figure), applied to the one-pass form only (the vendor GEMM uses wgmma).
+# Datasheet peaks, dense (no structured sparsity), SXM boards, and the clock those peaks are
+# computed at (SMs x tensor-core rate x clock = the tensor peak):
+#   V100 SXM2:      125 TFLOP/s fp16 tensor cores (no bf16), 15.7 TFLOP/s fp32, 900 GB/s HBM2,
+#                   80 SMs, 1.53 GHz
+#   A100 SXM4 80GB: 312 TFLOP/s fp16/bf16 tensor cores, 19.5 TFLOP/s fp32, 2039 GB/s HBM2e,
+#                   108 SMs, 1.41 GHz
+#   H100 SXM5:      989 TFLOP/s fp16/bf16 tensor cores, 67 TFLOP/s fp32, 3350 GB/s HBM3,
+#                   132 SMs, 1.83 GHz
+# one_pass: which compiled kernels the one-pass form runs there: the Triton kernels for sm_80
+# and sm_90 (TRITON_SASS), the cuda backend's WMMA kernels on sm_70 (CUDA_SASS).
 PEAKS = {
-    "V100": dict(tensor=125e12, fp32=15.7e12, bandwidth=900e9, bf16=False, wmma_fraction=1.0),
-    "A100": dict(tensor=312e12, fp32=19.5e12, bandwidth=2039e9, bf16=True, wmma_fraction=1.0),
-    "H100": dict(tensor=989e12, fp32=67e12, bandwidth=3350e9, bf16=True, wmma_fraction=0.6),
+    "V100": dict(tensor=125e12, fp32=15.7e12, bandwidth=900e9, bf16=False, sms=80, clock=1.53e9,
+                 one_pass="cuda"),
+    "A100": dict(tensor=312e12, fp32=19.5e12, bandwidth=2039e9, bf16=True, sms=108,
+                 clock=1.41e9, one_pass=80),
+    "H100": dict(tensor=989e12, fp32=67e12, bandwidth=3350e9, bf16=True, sms=132, clock=1.83e9,
+                 one_pass=90),
 }
-LAUNCH_S = 4e-6  # per kernel launched from PyTorch (launch plus dispatcher), all devices
-TOKEN_TILE = 128  # tokens per block of the one-pass forward/dx kernels: W_a tiles are recombined
-                  # once per token tile (from L2; charged as CUDA-core work, not DRAM bytes)
+ISSUE_PER_CLOCK = 4  # warp instructions an SM issues per clock (4 schedulers), sm_70 to sm_90
+LAUNCH_S = 4e-6  # host time per kernel launched from PyTorch (launch plus dispatcher)
+
+# Instructions per k-iteration per warp of the main loop of the Triton one-pass kernels, read
+# from their SASS (bf16; fp16 compiles to the same counts within a few instructions), per
+# sm and kernel, keyed by (BLOCK_T, BLOCK_N, BLOCK_K, num_warps), for m = 2 and m = 6
+# (instructions grow linearly with m in between and beyond: interpolated). Counted by
+#   python tests/triton_compile.py --sass-table --dtypes bfloat16 --experts 2 6 --all-configs \
+#       --kernels forward grad_input
+# (Triton 3.9); docs/results-triton-sass.md has the table, with the commit.
+TRITON_SASS = {}  # filled in below from the table
+# The cuda backend's one-pass WMMA kernels (what V100 and T4 run): tile (rows, cols, depth,
+# warps) and instructions per k-step per warp. Read from the SASS of
+# csrc/cuda/mos_linear_kernels.cu compiled with nvcc 13 -cubin -arch sm_75 (nvcc here cannot
+# target sm_70), main loop of the forward (the m = 2 body; more experts add a loop in it that
+# this count leaves out, so it is a lower bound there). The CUDA kernels' author updates it
+# when they change; None: unknown, the one-pass form is then not predicted on V100.
+CUDA_SASS = dict(tile=(128, 128, 32, 8), instructions=None,
+                 source="nvcc 13.0 -cubin -arch sm_75, csrc/cuda/mos_linear_kernels.cu")
 
 # name: (K_max, N_max, n_in, n_out). MT (HAT space): d_model 512/640, FFN 1024/2048/3072, experts
 # sized for the largest (640, 3072). BERT (SuperShaper space): 768 backbone, FFN 3072, hidden
@@ -64,26 +95,64 @@ for d in (512, 640):
 for hidden in (120, 240, 360, 480, 540, 600, 768):
     SHAPES[f"bert-ffn1 h{hidden}"] = (768, 3072, hidden, 3072)
     SHAPES[f"bert-ffn2 h{hidden}"] = (3072, 768, 3072, hidden)
-TOKENS = (512, 2048, 8192, 16384)
+# The shapes of benchmarks/bench_op.py (a mid-sized active architecture of each space).
+BENCH_SHAPES = {"mt-ffn1": "mt-ffn1 d512 f2048", "mt-ffn2": "mt-ffn2 d512 f2048",
+                "bert-ffn1": "bert-ffn1 h360", "bert-ffn2": "bert-ffn2 h360"}
+SHAPES["bert-ffn2 h360"] = (3072, 768, 3072, 360)
+TOKENS = (512, 2048, 4096, 8192, 16384)
 EXPERTS = (2, 6)
 DTYPES = ("float16", "bfloat16")
 ELEMENT_BYTES = 2
 
 
-class Kernel:
-    """One launched kernel: tensor-core FLOPs, CUDA-core FLOPs, DRAM bytes."""
+def _per_m(counts, m):
+    """Instructions at m experts from the counts at two values of m (linear)."""
+    (m0, c0), (m1, c1) = sorted(counts.items())[:2]
+    return c0 + (c1 - c0) * (m - m0) / (m1 - m0)
 
-    def __init__(self, name, tensor_flops=0.0, core_flops=0.0, elements=0.0, wmma=False):
+
+def one_pass_gemm_s(peak, rows, cols, depth, m, kernel):
+    """GPU seconds of a one-pass GEMM kernel's main loops (forward: cols = n_out, depth = n_in;
+    grad_input: cols = n_in, depth = n_out), for the fastest configuration by the count; None
+    where the counts are unknown."""
+    if peak["one_pass"] == "cuda":
+        if CUDA_SASS["instructions"] is None:
+            return None
+        bt, bc, bd, warps = CUDA_SASS["tile"]
+        configs = {(bt, bc, bd, warps): CUDA_SASS["instructions"]}
+    else:
+        configs = {}
+        for (bt, bn, bk, warps), counts in TRITON_SASS[peak["one_pass"]][kernel].items():
+            tile = (bt, bn, bk) if kernel == "forward" else (bt, bk, bn)
+            configs[tile + (warps,)] = _per_m(counts, m)
+    issue_rate = peak["sms"] * ISSUE_PER_CLOCK * peak["clock"]
+    best = None
+    for (bt, bc, bd, warps), instructions in configs.items():
+        steps = math.ceil(rows / bt) * math.ceil(cols / bc) * math.ceil(depth / bd)
+        seconds = max(steps * warps * instructions / issue_rate,
+                      steps * 2.0 * bt * bc * bd / peak["tensor"])
+        best = seconds if best is None else min(best, seconds)
+    return best
+
+
+class Kernel:
+    """One launched kernel: tensor-core FLOPs, CUDA-core FLOPs, DRAM bytes; or, for the one-pass
+    GEMMs, its compute time from the SASS count (compute_s; None: unknown)."""
+
+    def __init__(self, name, tensor_flops=0.0, core_flops=0.0, elements=0.0, compute_s=0.0):
         self.name, self.tensor_flops, self.core_flops = name, tensor_flops, core_flops
-        self.bytes, self.wmma = elements * ELEMENT_BYTES, wmma
+        self.bytes, self.compute_s = elements * ELEMENT_BYTES, compute_s
 
     def seconds(self, peak):
-        tensor = peak["tensor"] * (peak["wmma_fraction"] if self.wmma else 1.0)
-        compute = self.tensor_flops / tensor + self.core_flops / peak["fp32"]
-        return max(compute, self.bytes / peak["bandwidth"]) + LAUNCH_S
+        """GPU seconds (no host time), NaN where the compute time is unknown."""
+        if self.compute_s is None:
+            return math.nan
+        compute = (self.tensor_flops / peak["tensor"] + self.core_flops / peak["fp32"]
+                   + self.compute_s)
+        return max(compute, self.bytes / peak["bandwidth"])
 
 
-def kernels(form, shape, tokens, m, backward):
+def kernels(form, shape, tokens, m, backward, peak):
     """The kernels a form launches for forward, or for backward alone (with bias, as benchmarked)."""
     k_max, n_max, K, N = shape
     T, NK, full = tokens, N * K, n_max * k_max
@@ -114,14 +183,15 @@ def kernels(form, shape, tokens, m, backward):
                 out.append(Kernel("accumulate dE", 0, m * full, 3 * m * full))
             out += [Kernel(f"bias grads {i}", 0, 2 * N, 6 * N)]
         return out
-    recombine = 2.0 * m * NK * math.ceil(T / TOKEN_TILE)
     if form == "one_pass":
         if not backward:
-            return [Kernel("one-pass forward", gemm, recombine, T * K + m * NK + T * N, wmma=True)]
-        return [Kernel("one-pass dx", gemm, recombine, T * N + m * NK + T * K, wmma=True),
+            return [Kernel("one-pass forward", elements=T * K + m * NK + T * N,
+                           compute_s=one_pass_gemm_s(peak, T, N, K, m, "forward"))]
+        return [Kernel("one-pass dx", elements=T * N + m * NK + T * K,
+                       compute_s=one_pass_gemm_s(peak, T, K, N, m, "grad_input")),
                 Kernel("zero dE outside slice", 0, 0, m * (full - NK)),
                 Kernel("G = dy^T x + epilogue", gemm, 3.0 * m * NK,
-                       T * N + T * K + m * NK + m * NK, wmma=True),
+                       T * N + T * K + m * NK + m * NK),
                 Kernel("dbeta/dbias finish", 0, 0, 2 * m * N)]
     if form in ("combine", "saved"):
         combine = Kernel("combine W_a", 0, 2.0 * m * NK, m * NK + NK)
@@ -144,17 +214,38 @@ FORMS = ("dense", "naive", "one_pass", "combine", "saved")
 
 
 def predict(device, shape, tokens, m):
+    """Per form: GPU seconds forward (fwd) and forward+backward (fwdbwd), and the host seconds
+    of their launches (host_fwd, host_fwdbwd); the best MoS form and its overhead over dense."""
     peak = PEAKS[device]
     out = {}
     for form in FORMS:
-        fwd = sum(k.seconds(peak) for k in kernels(form, shape, tokens, m, False))
-        bwd = sum(k.seconds(peak) for k in kernels(form, shape, tokens, m, True))
-        out[form] = dict(fwd=fwd, fwdbwd=fwd + bwd)
+        fwd = kernels(form, shape, tokens, m, False, peak)
+        bwd = kernels(form, shape, tokens, m, True, peak)
+        out[form] = dict(fwd=sum(k.seconds(peak) for k in fwd),
+                         fwdbwd=sum(k.seconds(peak) for k in fwd + bwd),
+                         host_fwd=LAUNCH_S * len(fwd), host_fwdbwd=LAUNCH_S * len(fwd + bwd))
     for mode in ("fwd", "fwdbwd"):
-        best = min(("one_pass", "combine", "saved"), key=lambda f: out[f][mode])
+        forms = [f for f in ("one_pass", "combine", "saved") if not math.isnan(out[f][mode])]
+        best = min(forms, key=lambda f: out[f][mode])
         out[f"best_{mode}"] = best
         out[f"overhead_{mode}"] = out[best][mode] / out["dense"][mode]
     return out
+
+
+def combine_min_tokens(device, shape, m, limit=1 << 22):
+    """The fewest tokens from which combine is predicted faster than one pass for forward +
+    backward on ``device`` (bisection over powers of two, then exact); None: one pass at every
+    count up to ``limit``."""
+    def combine_wins(tokens):
+        p = predict(device, shape, tokens, m)
+        return p["combine"]["fwdbwd"] < p["one_pass"]["fwdbwd"]
+    if not combine_wins(limit):
+        return None
+    low, high = 0, limit  # combine loses at low (or low == 0), wins at high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if combine_wins(mid) else (mid, high)
+    return high
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -255,6 +346,12 @@ def measure(shapes, tokens_list, experts, dtype_name, reps, on_case=None, device
     return results
 
 
+def _jsonable(counts):
+    """TRITON_SASS with its tuple keys as strings."""
+    return {str(sm): {kernel: {"x".join(map(str, tile)): by_m for tile, by_m in tiles.items()}
+                      for kernel, tiles in kernels.items()} for sm, kernels in counts.items()}
+
+
 def device_key(name):
     return next((key for key in PEAKS if key in name), None)
 
@@ -275,6 +372,9 @@ def main(argv=None):
     ap.add_argument("--measure-experts", nargs="+", type=int, default=list(EXPERTS))
     ap.add_argument("--measure-dtype", default="float16", choices=DTYPES)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rule", action="store_true",
+                    help="also print, per GPU, m and benchmark shape, the token count from "
+                         "which combine is predicted faster than one pass")
     args = ap.parse_args(argv)
 
     rows = []
@@ -292,7 +392,8 @@ def main(argv=None):
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
-                json.dump(dict(peaks=PEAKS, launch_s=LAUNCH_S, token_tile=TOKEN_TILE,
+                json.dump(dict(peaks=PEAKS, launch_s=LAUNCH_S, triton_sass=_jsonable(TRITON_SASS),
+                               cuda_sass=CUDA_SASS,
                                measured_on=gpu, rows=rows), f, indent=1)
 
     measured, gpu = {}, None
@@ -316,23 +417,34 @@ def main(argv=None):
         measured = measure(args.measure_shapes, args.measure_tokens, args.measure_experts,
                            args.measure_dtype, args.reps, on_case, args.measure_device)
 
-    shown = args.shapes or ["mt-ffn1 d512 f2048", "mt-ffn2 d512 f2048", "mt-ffn1 d640 f3072",
-                            "bert-ffn1 h120", "bert-ffn1 h768", "bert-ffn2 h360"]
-    print("Predicted ms (float16; bfloat16 is the same on A100/H100 and not supported on V100).")
-    print("overhead = best MoS form / dense slice; naive/best = naive over best MoS form.")
-    head = (f"{'device':5} {'shape':19} {'T':>6} {'m':>2} {'mode':6} {'dense':>8} {'naive':>8} "
-            f"{'one_pass':>8} {'combine':>8} {'saved':>8} {'best':>8} {'overhead':>8} "
-            f"{'naive/best':>10}")
-    print(head)
+    shown = args.shapes or list(BENCH_SHAPES)
+    print("Predicted GPU time (float16; bfloat16 the same on A100/H100, not supported on V100),")
+    print("as ratios to the dense slice; dense in us; host = launch time per call in us, not in")
+    print("the GPU time; one_pass '-' where its compiled main loop is not counted.")
+    print(f"{'device':6} {'shape':9} {'T':>6} {'m':>2} {'dense us':>8} "
+          f"{'one_pass/dense':>14} {'combine/dense':>13} {'fwdbwd: one_pass':>16} "
+          f"{'combine':>7} {'host us (dense/one_pass/combine)':>32}")
     for r in rows:
-        if "measured" in r or r["dtype"] != "float16" or r["shape"] not in shown:
+        label = next((k for k, v in BENCH_SHAPES.items() if v == r["shape"]), r["shape"])
+        if "measured" in r or r["dtype"] != "float16" or label not in shown \
+                and r["shape"] not in shown:
             continue
-        for mode in ("fwd", "fwdbwd"):
-            best = r[f"best_{mode}"]
-            print(f"{r['device']:5} {r['shape']:19} {r['tokens']:>6} {r['m']:>2} {mode:6} " +
-                  " ".join(f"{1e3 * r[f][mode]:>8.3f}" for f in FORMS) +
-                  f" {best:>8} {r[f'overhead_{mode}']:>8.2f} "
-                  f"{r['naive'][mode] / r[best][mode]:>10.2f}")
+        ratio = lambda form, mode: r[form][mode] / r["dense"][mode]  # noqa: E731
+        cell = lambda x: "-" if math.isnan(x) else f"{x:.2f}"  # noqa: E731
+        host = "/".join(f"{1e6 * r[f]['host_fwdbwd']:.0f}" for f in ("dense", "one_pass",
+                                                                     "combine"))
+        print(f"{r['device']:6} {label:9} {r['tokens']:>6} {r['m']:>2} "
+              f"{1e6 * r['dense']['fwd']:>8.1f} {cell(ratio('one_pass', 'fwd')):>14} "
+              f"{cell(ratio('combine', 'fwd')):>13} {cell(ratio('one_pass', 'fwdbwd')):>16} "
+              f"{cell(ratio('combine', 'fwdbwd')):>7} {host:>32}")
+    if args.rule:
+        print("\nTokens from which combine is predicted faster than one pass, forward+backward "
+              "(None: never up to 4M tokens)")
+        for device in args.devices:
+            for m in range(1, 9):
+                crossings = {label: combine_min_tokens(device, SHAPES[name], m)
+                             for label, name in BENCH_SHAPES.items()}
+                print(f"{device} m={m}: " + "  ".join(f"{k} {v}" for k, v in crossings.items()))
     if measured:
         print(f"\nMeasured on {gpu} ({args.measure_dtype}), GPU ms per call; predicted for "
               f"{device_key(gpu)} in brackets")

@@ -18,8 +18,16 @@ DTYPES = {"cpu": [torch.float32, torch.float64], "cuda": [torch.float32, torch.f
 HALF = [torch.float16, torch.bfloat16] if DEVICE.type == "cpu" else []
 
 
-@pytest.fixture(params=["one_pass", "combine"])
-def strategy(request):
+@pytest.fixture(params=["one_pass", "one_pass-unswapped", "combine"])
+def strategy(request, monkeypatch):
+    """The strategy; under the interpreter "one_pass-unswapped" runs the one-pass kernels in
+    the form sm_80 compiles (SWAP off, see triton_backend._forward_kernel), "one_pass" in the
+    form sm_90 compiles. On a GPU the device decides: the unswapped case is skipped."""
+    if request.param == "one_pass-unswapped":
+        if DEVICE.type != "cpu":
+            pytest.skip("the GPU's compute capability picks the form")
+        monkeypatch.setattr(triton_backend, "_INTERPRETER_SWAP", False)
+        return "one_pass"
     return request.param
 
 

@@ -3,9 +3,12 @@
 The interpreter runs the kernels' Python and never lowers it; these tests lower it. Every
 variant the backend launches must compile; the config pruner's shared-memory estimate must
 bound what the compiler allocates (small problems launch the first config that the estimate
-says fits, untimed, so an estimate below the truth is a launch failure); and for bf16, what most
+says fits, untimed, so an estimate below the truth is a launch failure); for bf16, what most
 GPU training runs, every autotune configuration must fit an A100's and an H100's shared memory
-and spill at most a few registers."""
+and spill at most a few registers. The one-pass forward and dx kernels, at every bf16 and fp16
+configuration and m = 2 and 6, must not spill at all, and their main loop (read from the SASS)
+must keep the mixed weight tile out of shared memory, keep wgmma asynchronous on sm_90, and
+issue no more instructions than MAX_LOOP_RATIO times a plain Triton matmul of the same tile."""
 import concurrent.futures
 import json
 import os
@@ -34,6 +37,10 @@ FEW_SPILLED_BYTES = 64
 RUNS = {
     "bf16": ["--dtypes", "bfloat16", "--experts", "2", "--all-configs", "--targets", "90", "80"],
     "bf16-m6": ["--dtypes", "bfloat16", "--experts", "6", "--all-configs", "--targets", "90"],
+    "gemm-m6-sm80": ["--dtypes", "bfloat16", "--experts", "6", "--all-configs", "--targets",
+                     "80", "--kernels", "forward", "grad_input"],
+    "gemm-fp16": ["--dtypes", "float16", "--experts", "2", "6", "--all-configs", "--targets",
+                  "90", "80", "--kernels", "forward", "grad_input"],
     "tf32-m6": ["--dtypes", "float32", "--precisions", "tf32", "--experts", "6", "--all-configs",
                 "--targets", "90"],
     "first-configs": ["--dtypes", "float16", "float32", "float64", "--targets", "90", "80"],
@@ -84,3 +91,46 @@ def test_bf16_configs_fit_and_barely_spill(compiled):
     spilling = [f"{describe(r)}: {r['registers']} registers, {r['stack']} bytes of stack"
                 for r in rows if r["stack"] > FEW_SPILLED_BYTES]
     assert not spilling, "\n".join(spilling)
+
+
+def gemm_rows(compiled):
+    """The one-pass forward and dx compiles at half precision: every config, m = 2 and 6."""
+    rows = [row for run in compiled.values() for row in run
+            if row["kernel"].startswith(("forward", "grad_input")) and "error" not in row
+            and row["dtype"] in ("bfloat16", "float16")]
+    assert {(r["dtype"], r["m"], r["arch"]) for r in rows} >= {
+        (dtype, m, arch) for dtype in ("bfloat16", "float16") for m in (2, 6) for arch in (80, 90)}
+    return rows
+
+
+def test_one_pass_kernels_do_not_spill(compiled):
+    spilling = [f"{describe(r)}: {r['registers']} registers, {r['stack']} bytes of stack, "
+                f"{r['loop'] and r['loop']['local']} local accesses in the loop"
+                for r in gemm_rows(compiled) if r["stack"] or not r["loop"] or r["loop"]["local"]]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_mixed_tile_stays_in_registers(compiled):
+    """No shared-memory store in the main loop (the loads go global -> shared by cp.async or
+    TMA, not through registers), and on sm_90 every wgmma wait in it leaves at least one
+    group in flight, so the tensor cores run while the next tile is mixed. wgmma needs 64 rows
+    of the A operand (the mixed tile) per warp group: the tiles that have them must use it."""
+    rows = gemm_rows(compiled)
+    stores = [f"{describe(r)}: {r['loop']['sts']} STS" for r in rows if r["loop"]["sts"]]
+    assert not stores, "\n".join(stores)
+    hopper = [r for r in rows if r["arch"] == 90]
+    weight_rows = lambda r: r["config"]["BLOCK_N" if r["kernel"].startswith("forward")  # noqa
+                                        else "BLOCK_K"]
+    wide = [r for r in hopper if weight_rows(r) >= 16 * r["config"]["num_warps"]]
+    assert wide
+    sync = [f"{describe(r)}: waits {r['loop']['wgmma_waits']}" for r in wide
+            if not r["loop"]["wgmma_waits"] or min(r["loop"]["wgmma_waits"]) < 1]
+    assert not sync, "\n".join(sync)
+
+
+def test_main_loop_instructions_against_a_plain_matmul(compiled):
+    rows = gemm_rows(compiled)
+    over = [f"{describe(r)}: {r['loop']['instructions']} against {r['plain']['instructions']}"
+            for r in rows if r["loop"]["instructions"] > MAX_LOOP_RATIO[r["m"]]
+            * r["plain"]["instructions"]]
+    assert not over, "\n".join(over)

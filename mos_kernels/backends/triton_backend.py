@@ -127,6 +127,41 @@ if triton is not None:
     # per launch (Triton's binder inspects each one), so the kernels take no more than they read.
     _SMALL_LOADS = ["stride_bo", "stride_bi", "stride_bias0", "stride_bias1"]
 
+    @triton.jit
+    def _index(v, WIDE: tl.constexpr):
+        """Index arithmetic in 64 bits only where the launcher found that 32 could overflow
+        (_offsets_fit_int32): 32-bit offsets save the main loop most of its address arithmetic."""
+        if WIDE:
+            return v.to(tl.int64)
+        return v
+
+    @triton.jit
+    def _mix_tile(E0, e_offsets, e_mask, stride_e0, B0, beta_offsets, beta_mask, stride_bi,
+                  M: tl.constexpr, ACC: tl.constexpr):
+        """sum_i beta[., i] * E[i, ., .] over one tile, in ACC precision. E0 and B0 are scalar
+        pointers (expert 0, beta column 0) to which the tile's offsets are added: the offsets are
+        shared by all experts, so stepping to the next expert is one scalar pointer add."""
+        w = tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0).to(ACC) * \
+            tl.load(E0 + e_offsets, mask=e_mask, other=0.0).to(ACC)
+        for _ in tl.static_range(1, M):
+            E0 += stride_e0
+            B0 += stride_bi
+            w += tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0).to(ACC) * \
+                tl.load(E0 + e_offsets, mask=e_mask, other=0.0).to(ACC)
+        return w
+
+    # SWAP (sm_90 and newer): both GEMM kernels compute the transpose of their output tile, so
+    # that the mixed weight tile is the dot's first operand, which wgmma reads from registers: it
+    # then stays asynchronous (the next tile is mixed while the tensor cores run) and the mixed
+    # tile never makes a round trip through shared memory; only the activation and expert tiles
+    # are pipelined through shared memory. Without SWAP (sm_80 to sm_89, whose mma.sync takes
+    # both operands from registers) the mixed tile is the second operand: Triton spreads a
+    # tile's warps more along the dot's columns than its rows, and every warp that shares the
+    # weight tile's part mixes it again, so the tokens go along the rows.
+    # Rows and columns past the edges of the output are clamped rather than masked: they read
+    # real data that reaches only outputs the store masks, so the loop's loads need the
+    # reduction mask alone (the contiguous dimension of a load is never clamped: that would
+    # hide its contiguity from the compiler, and with it vector and asynchronous copies).
     @triton.jit(do_not_specialize=["T", "bias_kind"] + _SMALL_LOADS)
     def _forward_kernel(X, E, Beta, Bias, Y, T, n_out, n_in,
                         stride_xt, stride_xk, stride_e0, stride_e1, stride_e2,
@@ -134,35 +169,57 @@ if triton is not None:
                         M: tl.constexpr,
                         ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP: tl.constexpr):
-        """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o]; bias_kind 0 none, 1 shared, 2 per expert."""
+                        GROUP: tl.constexpr, WIDE: tl.constexpr, SWAP: tl.constexpr):
+        """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o] for a (BLOCK_T, BLOCK_N) tile (SWAP: its
+        transpose, stored transposed); bias_kind 0 none, 1 shared, 2 per expert."""
         pid_t, pid_n = _grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < T
         col_ok = cols < n_out
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        x_rows = X + rows64[:, None] * stride_xt
-        e_cols = E + cols64[None, :] * stride_e1
-        beta_cols = Beta + cols64[None, :] * stride_bo
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+        rows_in = _index(tl.minimum(rows, T - 1), WIDE)
+        cols_in = _index(tl.minimum(cols, n_out - 1), WIDE)
+        ks = _index(tl.arange(0, BLOCK_K), WIDE)
+        if SWAP:
+            x_offsets = ks[:, None] * stride_xk + rows_in[None, :] * stride_xt  # (K, T): x^T
+            e_offsets = cols_in[:, None] * stride_e1 + ks[None, :] * stride_e2  # (N, K)
+            beta_offsets = cols_in[:, None] * stride_bo  # loop-invariant: the loads are hoisted
+            beta_ok = col_ok[:, None]
+            acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=ACC)
+        else:
+            x_offsets = rows_in[:, None] * stride_xt + ks[None, :] * stride_xk  # (T, K)
+            e_offsets = ks[:, None] * stride_e2 + cols_in[None, :] * stride_e1  # (K, N): W_a^T
+            beta_offsets = cols_in[None, :] * stride_bo
+            beta_ok = col_ok[None, :]
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
         for k0 in range(0, n_in, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < n_in
-            ks64 = ks.to(tl.int64)
-            x = tl.load(x_rows + ks64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w_t = _mixed(e_cols + ks64[:, None] * stride_e2, stride_e0, beta_cols, stride_bi,
-                         k_ok[:, None] & col_ok[None, :], col_ok[None, :], M, ACC)  # (K, N)
-            acc = tl.dot(x.to(DOT), w_t.to(DOT), acc, input_precision=PRECISION)
+            k_ok = ks < n_in - k0
+            k = _index(k0, WIDE)
+            if SWAP:
+                x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[:, None], other=0.0)
+                w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[None, :], stride_e0, Beta,
+                              beta_offsets, beta_ok, stride_bi, M, ACC)
+                acc = tl.dot(w.to(DOT), x.to(DOT), acc, input_precision=PRECISION)
+            else:
+                x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[None, :], other=0.0)
+                w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[:, None], stride_e0, Beta,
+                              beta_offsets, beta_ok, stride_bi, M, ACC)
+                acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+        bias = tl.zeros((BLOCK_N,), dtype=ACC)
         if bias_kind == 1:
-            acc += tl.load(Bias + cols64 * stride_bias1, mask=col_ok, other=0.0).to(ACC)[None, :]
+            bias = tl.load(Bias + cols_in * stride_bias1).to(ACC)
         if bias_kind == 2:
-            acc += _mixed(Bias + cols64 * stride_bias1, stride_bias0, Beta + cols64 * stride_bo,
-                          stride_bi, col_ok, col_ok, M, ACC)[None, :]
-        tl.store(Y + rows64[:, None] * stride_yt + cols64[None, :],
-                 acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            bias = _mixed(Bias + cols_in * stride_bias1, stride_bias0, Beta + cols_in * stride_bo,
+                          stride_bi, col_ok, col_ok, M, ACC)
+        rows = _index(rows, WIDE)
+        cols = _index(cols, WIDE)
+        if SWAP:
+            tl.store(Y + rows[None, :] * stride_yt + cols[:, None],
+                     (acc + bias[:, None]).to(Y.dtype.element_ty),
+                     mask=(rows < T)[None, :] & col_ok[:, None])
+        else:
+            tl.store(Y + rows[:, None] * stride_yt + cols[None, :],
+                     (acc + bias[None, :]).to(Y.dtype.element_ty),
+                     mask=(rows < T)[:, None] & col_ok[None, :])
 
     @triton.jit(do_not_specialize=["T", "stride_bo", "stride_bi"])
     def _grad_input_kernel(DY, E, Beta, DX, T, n_out, n_in,
@@ -170,30 +227,50 @@ if triton is not None:
                            stride_bo, stride_bi, stride_dxt,
                            M: tl.constexpr, ACC: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-        """dx[t, k] = sum_o dy[t, o] W_a[o, k]; the loop runs over the output features o."""
-        pid_t, pid_k = _grouped_tile(T, n_in, BLOCK_T, BLOCK_K, GROUP)
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                           WIDE: tl.constexpr, SWAP: tl.constexpr):
+        """dx[t, k] = sum_o dy[t, o] W_a[o, k] for a (BLOCK_T, BLOCK_N) tile of dx (SWAP: its
+        transpose, stored transposed); the loop runs over the output features o, BLOCK_K at a
+        time. The tile sizes keep the forward's roles (BLOCK_N: the weight tile's rows in the
+        dot, BLOCK_K: the reduction step), so a configuration gives both kernels the same dots."""
+        pid_t, pid_k = _grouped_tile(T, n_in, BLOCK_T, BLOCK_N, GROUP)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        row_ok = rows < T
+        ks = _index(pid_k * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)  # input features
         k_ok = ks < n_in
-        rows64 = rows.to(tl.int64)
-        ks64 = ks.to(tl.int64)
-        dy_rows = DY + rows64[:, None] * stride_dyt
-        e_cols = E + ks64[None, :] * stride_e2
-        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=ACC)
-        for o0 in range(0, n_out, BLOCK_N):
-            os_ = o0 + tl.arange(0, BLOCK_N)
-            o_ok = os_ < n_out
-            os64 = os_.to(tl.int64)
-            dy = tl.load(dy_rows + os64[None, :] * stride_dyo, mask=row_ok[:, None] & o_ok[None, :],
-                         other=0.0)
-            w = _mixed(e_cols + os64[:, None] * stride_e1, stride_e0,
-                       Beta + os64[:, None] * stride_bo, stride_bi,
-                       o_ok[:, None] & k_ok[None, :], o_ok[:, None], M, ACC)  # (N, K)
-            acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
-        tl.store(DX + rows64[:, None] * stride_dxt + ks64[None, :], acc.to(DX.dtype.element_ty),
-                 mask=row_ok[:, None] & k_ok[None, :])
+        rows_in = _index(tl.minimum(rows, T - 1), WIDE)
+        os_ = _index(tl.arange(0, BLOCK_K), WIDE)  # output features, per step
+        if SWAP:
+            dy_offsets = os_[:, None] * stride_dyo + rows_in[None, :] * stride_dyt  # (O, T)
+            e_offsets = ks[:, None] * stride_e2 + os_[None, :] * stride_e1  # (N, O): W_a^T
+            beta_offsets = os_[None, :] * stride_bo
+            acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=ACC)
+        else:
+            dy_offsets = rows_in[:, None] * stride_dyt + os_[None, :] * stride_dyo  # (T, O)
+            e_offsets = os_[:, None] * stride_e1 + ks[None, :] * stride_e2  # (O, N): W_a
+            beta_offsets = os_[:, None] * stride_bo
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+        for o0 in range(0, n_out, BLOCK_K):
+            o_ok = os_ < n_out - o0
+            o = _index(o0, WIDE)
+            if SWAP:
+                dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[:, None], other=0.0)
+                w = _mix_tile(E + o * stride_e1, e_offsets, k_ok[:, None] & o_ok[None, :],
+                              stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[None, :],
+                              stride_bi, M, ACC)
+                acc = tl.dot(w.to(DOT), dy.to(DOT), acc, input_precision=PRECISION)
+            else:
+                dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[None, :], other=0.0)
+                w = _mix_tile(E + o * stride_e1, e_offsets, o_ok[:, None] & k_ok[None, :],
+                              stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[:, None],
+                              stride_bi, M, ACC)
+                acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+        rows = _index(rows, WIDE)
+        if SWAP:
+            tl.store(DX + rows[None, :] * stride_dxt + ks[:, None], acc.to(DX.dtype.element_ty),
+                     mask=(rows < T)[None, :] & k_ok[:, None])
+        else:
+            tl.store(DX + rows[:, None] * stride_dxt + ks[None, :], acc.to(DX.dtype.element_ty),
+                     mask=(rows < T)[:, None] & k_ok[None, :])
 
     _WANTS = ["want_de", "want_parts", "want_s"]
 
@@ -388,21 +465,21 @@ if triton is not None:
         return fits[:1] if work <= _SMALL_PROBLEM else fits
 
     # Elements of shared memory a config takes: num_stages - 1 pipeline buffers of the loop's
-    # loads (the activation tile and the m expert tiles), plus the tiles that go through shared
-    # memory on the way to the dot (the activation and the combined weight). An upper bound of
-    # what Triton 3.6 allocated for the forward on an H100, and of what Triton 3.9 compiles for
-    # both kernels for sm_80 and sm_90 (tests/test_triton_compile.py checks that against the
+    # loads (the activation tile and the m expert tiles), plus room for one activation tile and
+    # one weight tile (the SWAP form keeps the mixed tile in registers, but sm_80 and the
+    # epilogue's transposed store use shared memory too). An upper bound of what Triton 3.9
+    # compiles for sm_80 and sm_90 (tests/test_triton_compile.py checks that against the
     # compiler). The forward's activation tile is (BLOCK_T, BLOCK_K) of x; dx's is
-    # (BLOCK_T, BLOCK_N) of dy, and its loop also pipelines beta's rows for each block of output
-    # features.
+    # (BLOCK_T, BLOCK_K) of dy (its reduction step is BLOCK_K output features), and its loop
+    # also loads beta's rows for each step.
     def _gemm_shared(c, stages, m):
         act_tile, weight_tile = c["BLOCK_T"] * c["BLOCK_K"], c["BLOCK_N"] * c["BLOCK_K"]
         return (stages - 1) * (act_tile + m * weight_tile) + act_tile + weight_tile
 
     def _grad_input_shared(c, stages, m):
-        act_tile, weight_tile = c["BLOCK_T"] * c["BLOCK_N"], c["BLOCK_N"] * c["BLOCK_K"]
-        per_stage = act_tile + m * weight_tile + m * c["BLOCK_N"]
-        return (stages - 1) * per_stage + act_tile + weight_tile
+        act_tile, weight_tile = c["BLOCK_T"] * c["BLOCK_K"], c["BLOCK_N"] * c["BLOCK_K"]
+        per_stage = act_tile + m * weight_tile + m * c["BLOCK_K"]
+        return (stages - 1) * per_stage + act_tile + weight_tile + m * c["BLOCK_K"]
 
     def _wgrad_shared(c, stages, m):
         per_stage = c["BLOCK_T"] * (c["BLOCK_N"] + c["BLOCK_K"])
@@ -413,6 +490,23 @@ if triton is not None:
 def _key(n):
     """Tuning key of a size: its power-of-two bucket, so that nearby shapes share a config."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# Under the interpreter: whether the one-pass kernels run in their SWAP form (the tests run both).
+_INTERPRETER_SWAP = True
+
+
+def _swapped(device):
+    """SWAP for the one-pass kernels (see _forward_kernel): on sm_90 and newer."""
+    if device.type != "cuda":
+        return _INTERPRETER_SWAP
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _wide(t):
+    """Whether a kernel's element offsets into ``t`` may overflow int32: its extent, plus a tile
+    (up to 256 rows or columns) past each edge, which the kernels form and then mask or clamp."""
+    return sum((n + 256) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31
 
 
 def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call from the host
@@ -528,6 +622,11 @@ class _Dims:
         self.acc_torch = torch.float64 if experts.dtype == torch.float64 else torch.float32
         self.n_out_key, self.n_in_key = _key(self.n_out), _key(n_in)
         self.gemm = dict(M=self.m, ACC=self.acc, DOT=self.dot, PRECISION=precision)
+        # The one-pass kernels' launch constants with 32-bit offsets, and with 64-bit ones for
+        # tensors too large for 32 (per call: x, dy and the outputs change with the tokens).
+        self.wide_experts = _wide(experts[0])
+        swap = _swapped(experts.device)
+        self.one_pass = {wide: dict(self.gemm, WIDE=wide, SWAP=swap) for wide in (False, True)}
         self.options = {}
 
     def strategy(self, tokens):
@@ -589,12 +688,13 @@ def forward(x, experts, beta, bias, strategy="auto"):
         if tokens == 0:
             return y
         bias_ptr, bias_kind, stride_bias0, stride_bias1 = _bias_args(bias, beta)
+        wide = d.wide_experts or _wide(x) or _wide(y)
         _FORWARD.launch(
-            d, "forward", tokens,
+            d, ("forward", wide), tokens,
             lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_out, o["BLOCK_N"]),),
             (x, experts, beta, bias_ptr, y, tokens, d.n_out, d.n_in, *x.stride(),
              *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0),
-             bias_kind), d.gemm)
+             bias_kind), d.one_pass[wide])
         return y
 
 
@@ -605,11 +705,12 @@ def _grad_input(dy, x, experts, beta, d, strategy):
     dx = x.new_empty(tokens, d.n_in)
     if tokens == 0:
         return dx
+    wide = d.wide_experts or _wide(dy) or _wide(dx)
     _GRAD_INPUT.launch(
-        d, "grad_input", tokens,
-        lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_in, o["BLOCK_K"]),),
+        d, ("grad_input", wide), tokens,
+        lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_in, o["BLOCK_N"]),),
         (dy, experts, beta, dx, tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
-         *beta.stride(), dx.stride(0)), d.gemm)
+         *beta.stride(), dx.stride(0)), d.one_pass[wide])
     return dx
 
 
