@@ -74,15 +74,69 @@ LAUNCH_S = 4e-6  # host time per kernel launched from PyTorch (launch plus dispa
 #   python tests/triton_compile.py --sass-table --dtypes bfloat16 --experts 2 6 --all-configs \
 #       --kernels forward grad_input
 # (Triton 3.9); docs/results-triton-sass.md has the table, with the commit.
-TRITON_SASS = {}  # filled in below from the table
+TRITON_SASS = {
+    90: {
+        "forward": {
+            (32, 64, 32, 4): {2: 174, 6: 381},
+            (256, 64, 64, 8): {2: 307, 6: 677},
+            (32, 64, 64, 4): {2: 292, 6: 689},
+            (128, 128, 32, 8): {2: 183, 6: 387},
+            (128, 128, 64, 8): {2: 305, 6: 703},
+            (128, 64, 32, 4): {2: 184, 6: 386},
+            (64, 128, 32, 4): {2: 342, 6: 737},
+            (64, 64, 64, 4): {2: 300, 6: 696},
+            (64, 64, 32, 4): {2: 176, 6: 384},
+            (32, 32, 32, 4): {2: 128, 6: 312},
+        },
+        "grad_input": {
+            (32, 64, 32, 4): {2: 246, 6: 553},
+            (256, 64, 64, 8): {2: 404, 6: 941},
+            (32, 64, 64, 4): {2: 459, 6: 1065},
+            (128, 128, 32, 8): {2: 258, 6: 566},
+            (128, 128, 64, 8): {2: 450, 6: 1063},
+            (128, 64, 32, 4): {2: 258, 6: 569},
+            (64, 128, 32, 4): {2: 385, 6: 938},
+            (64, 64, 64, 4): {2: 447, 6: 1052},
+            (64, 64, 32, 4): {2: 251, 6: 563},
+            (32, 32, 32, 4): {2: 185, 6: 448},
+        },
+    },
+    80: {
+        "forward": {
+            (32, 64, 32, 4): {2: 157, 6: 356},
+            (256, 64, 64, 8): {2: 529, 6: 1239},
+            (32, 64, 64, 4): {2: 272, 6: 668},
+            (128, 128, 32, 8): {2: 276, 6: 648},
+            (128, 128, 64, 8): {2: 528, 6: 1260},
+            (128, 64, 32, 4): {2: 283, 6: 655},
+            (64, 128, 32, 4): {2: 346, 6: 737},
+            (64, 64, 64, 4): {2: 483, 6: 1215},
+            (64, 64, 32, 4): {2: 255, 6: 628},
+            (32, 32, 32, 4): {2: 132, 6: 311},
+        },
+        "grad_input": {
+            (32, 64, 32, 4): {2: 234, 6: 550},
+            (256, 64, 64, 8): {2: 639, 6: 1530},
+            (32, 64, 64, 4): {2: 444, 6: 1044},
+            (128, 128, 32, 8): {2: 354, 6: 834},
+            (128, 128, 64, 8): {2: 698, 6: 1710},
+            (128, 64, 32, 4): {2: 366, 6: 860},
+            (64, 128, 32, 4): {2: 389, 6: 961},
+            (64, 64, 64, 4): {2: 650, 6: 1632},
+            (64, 64, 32, 4): {2: 356, 6: 836},
+            (32, 32, 32, 4): {2: 189, 6: 453},
+        },
+    },
+}
 # The cuda backend's one-pass WMMA kernels (what V100 and T4 run): tile (rows, cols, depth,
-# warps) and instructions per k-step per warp. Read from the SASS of
-# csrc/cuda/mos_linear_kernels.cu compiled with nvcc 13 -cubin -arch sm_75 (nvcc here cannot
-# target sm_70), main loop of the forward (the m = 2 body; more experts add a loop in it that
-# this count leaves out, so it is a lower bound there). The CUDA kernels' author updates it
-# when they change; None: unknown, the one-pass form is then not predicted on V100.
-CUDA_SASS = dict(tile=(128, 128, 32, 8), instructions=None,
-                 source="nvcc 13.0 -cubin -arch sm_75, csrc/cuda/mos_linear_kernels.cu")
+# warps) and instructions per k-step per warp of each kernel's innermost loop holding HMMA
+# (tests/triton_compile.py's loop_stats on the SASS; the kernels take m at run time, so one
+# count serves every m), read from csrc/cuda/mos_linear_kernels.cu at commit 0588bdd compiled
+# with nvcc 13.0 -cubin -arch=sm_75 -O3 --use_fast_math --expt-relaxed-constexpr (this nvcc
+# cannot target sm_70). The CUDA kernels' author updates it when they change them; None for a
+# kernel: unknown, the one-pass form is then not predicted on V100.
+CUDA_SASS = dict(tile=(128, 128, 32, 8), instructions=dict(forward=2621, grad_input=2659),
+                 source="nvcc 13.0 -cubin -arch=sm_75, csrc/cuda/mos_linear_kernels.cu @ 0588bdd")
 
 # name: (K_max, N_max, n_in, n_out). MT (HAT space): d_model 512/640, FFN 1024/2048/3072, experts
 # sized for the largest (640, 3072). BERT (SuperShaper space): 768 backbone, FFN 3072, hidden
@@ -116,10 +170,9 @@ def one_pass_gemm_s(peak, rows, cols, depth, m, kernel):
     grad_input: cols = n_in, depth = n_out), for the fastest configuration by the count; None
     where the counts are unknown."""
     if peak["one_pass"] == "cuda":
-        if CUDA_SASS["instructions"] is None:
+        if CUDA_SASS["instructions"].get(kernel) is None:
             return None
-        bt, bc, bd, warps = CUDA_SASS["tile"]
-        configs = {(bt, bc, bd, warps): CUDA_SASS["instructions"]}
+        configs = {CUDA_SASS["tile"]: CUDA_SASS["instructions"][kernel]}
     else:
         configs = {}
         for (bt, bn, bk, warps), counts in TRITON_SASS[peak["one_pass"]][kernel].items():
@@ -232,20 +285,40 @@ def predict(device, shape, tokens, m):
     return out
 
 
-def combine_min_tokens(device, shape, m, limit=1 << 22):
-    """The fewest tokens from which combine is predicted faster than one pass for forward +
-    backward on ``device`` (bisection over powers of two, then exact); None: one pass at every
-    count up to ``limit``."""
-    def combine_wins(tokens):
+# GPU generation (compute capability major) -> the GPU of PEAKS whose prediction sets the rule
+RULE_DEVICES = {8: "A100", 9: "H100"}
+RULE_EXPERTS = 6  # the counts are for m = 2 and 6: the rule goes no further
+# The token counts the rule is searched over: 256, 384, 512, 768, ... 2^20
+RULE_TOKENS = sorted({3 << (k - 1) for k in range(8, 20)} | {1 << k for k in range(8, 21)})
+
+
+def rule_table():
+    """COMBINE_MIN_TOKENS of mos_kernels/backends/triton_backend.py: per GPU generation, for
+    m = 1..RULE_EXPERTS, the fewest tokens from which combine is predicted faster than one pass
+    (forward+backward) on at least half of the benchmark shapes (None: never)."""
+    table = {}
+    for major, device in RULE_DEVICES.items():
+        row = []
+        for m in range(1, RULE_EXPERTS + 1):
+            crossings = sorted(math.inf if t is None else t for t in (
+                combine_min_tokens(device, SHAPES[name], m) for name in BENCH_SHAPES.values()))
+            half = crossings[(len(crossings) + 1) // 2 - 1]
+            row.append(None if half == math.inf else half)
+        table[major] = tuple(row)
+    return table
+
+
+def combine_min_tokens(device, shape, m):
+    """The fewest tokens of RULE_TOKENS from which on combine is predicted faster than one pass
+    for forward + backward on ``device``, at every larger count of RULE_TOKENS too; None:
+    not at the largest."""
+    found = None
+    for tokens in reversed(RULE_TOKENS):
         p = predict(device, shape, tokens, m)
-        return p["combine"]["fwdbwd"] < p["one_pass"]["fwdbwd"]
-    if not combine_wins(limit):
-        return None
-    low, high = 0, limit  # combine loses at low (or low == 0), wins at high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (low, mid) if combine_wins(mid) else (mid, high)
-    return high
+        if p["combine"]["fwdbwd"] >= p["one_pass"]["fwdbwd"]:
+            break
+        found = tokens
+    return found
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -439,12 +512,13 @@ def main(argv=None):
               f"{cell(ratio('combine', 'fwdbwd')):>7} {host:>32}")
     if args.rule:
         print("\nTokens from which combine is predicted faster than one pass, forward+backward "
-              "(None: never up to 4M tokens)")
+              f"(None: not at {RULE_TOKENS[-1]})")
         for device in args.devices:
-            for m in range(1, 9):
+            for m in range(1, RULE_EXPERTS + 1):
                 crossings = {label: combine_min_tokens(device, SHAPES[name], m)
                              for label, name in BENCH_SHAPES.items()}
                 print(f"{device} m={m}: " + "  ".join(f"{k} {v}" for k, v in crossings.items()))
+        print("\nCOMBINE_MIN_TOKENS (mos_kernels/backends/triton_backend.py):", rule_table())
     if measured:
         print(f"\nMeasured on {gpu} ({args.measure_dtype}), GPU ms per call; predicted for "
               f"{device_key(gpu)} in brackets")

@@ -124,15 +124,20 @@ def resolve_strategy(strategy: str = "auto", backend: str = "auto", tokens: int 
       cuda       "combine" (combine, then cuBLAS): faster than the earlier single-stage one-pass
                  kernels at every shape and token count measured on an H100 (benchmarks/
                  roofline.py --measure); the pipelined one-pass forward/dx kernels that replaced
-                 them (fp16 on sm_70/75, docs/design-cuda.md) are not yet timed on a GPU;
-      triton     triton_backend.choose_strategy: "combine" from COMBINE_MIN_TOKENS (16384) tokens
-                 on, and always for exact fp32 (TF32 not allowed) and fp64; "one_pass" below.
+                 them (docs/design.md, section 5) are not yet timed on a GPU;
+      triton     triton_backend.choose_strategy: for fp16, bf16 and TF32 inputs "combine" from
+                 triton_backend.COMBINE_MIN_TOKENS tokens on (per GPU generation and number of
+                 experts: where benchmarks/roofline.py predicts combine + cuBLAS faster than
+                 the one-pass kernels for forward+backward, those charged by the issue slots of
+                 their compiled main loops; docs/design.md, section 4), "one_pass" below; always
+                 "combine" for exact fp32 (TF32 not allowed) and fp64.
     """
     name = _route(backend, strategy, torch.device(device))
     if strategy != "auto":
         return strategy
     if name == "triton":
-        return backends.load("triton").choose_strategy(tokens, n_out, n_in, num_experts, dtype)
+        return backends.load("triton").choose_strategy(tokens, n_out, n_in, num_experts, dtype,
+                                                        device=device)
     return "combine"
 
 

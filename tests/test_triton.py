@@ -158,11 +158,39 @@ def test_zero_tokens(strategy):
     assert not de.any() and not dbeta.any() and not dbias.any()
 
 
+def _roofline():
+    """benchmarks/roofline.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "roofline.py")
+    spec = importlib.util.spec_from_file_location("roofline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_strategy_rule_is_the_cost_models():
+    """COMBINE_MIN_TOKENS is what benchmarks/roofline.py predicts (its --rule)."""
+    assert triton_backend.COMBINE_MIN_TOKENS == _roofline().rule_table()
+
+
 def test_strategy_rule(monkeypatch):
-    threshold = triton_backend.COMBINE_MIN_TOKENS
+    table = {9: (None, 4096, 2048), 8: (8192, 1024, 512)}
+    monkeypatch.setattr(triton_backend, "COMBINE_MIN_TOKENS", table)
+    monkeypatch.setitem(triton_backend._MAJORS, "cuda:7", 8)  # as if cuda:7 were an sm_80
     for dtype in (torch.bfloat16, torch.float16):
-        assert triton_backend.choose_strategy(threshold - 1, 768, 3072, 2, dtype) == "one_pass"
-        assert triton_backend.choose_strategy(threshold, 768, 3072, 2, dtype) == "combine"
+        assert triton_backend.choose_strategy(4095, 768, 3072, 2, dtype, device="cpu") == \
+            "one_pass"
+        assert triton_backend.choose_strategy(4096, 768, 3072, 2, dtype, device="cpu") == \
+            "combine"
+        # None: one pass at every count; more experts than listed: the last entry
+        assert triton_backend.choose_strategy(10**7, 8, 8, 1, dtype, device="cpu") == "one_pass"
+        assert triton_backend.choose_strategy(2048, 8, 8, 6, dtype, device="cpu") == "combine"
+        assert triton_backend.choose_strategy(2047, 8, 8, 6, dtype, device="cpu") == "one_pass"
+        assert triton_backend.choose_strategy(8192, 8, 8, 1, dtype, device="cuda:7") == "combine"
+        assert triton_backend.choose_strategy(1023, 8, 8, 2, dtype, device="cuda:7") == \
+            "one_pass"
     # Exact fp32 and fp64 take cuBLAS's exact GEMMs at every size; fp32 with TF32 the rule.
     monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: False)
     assert triton_backend.choose_strategy(1, 8, 8, 2, torch.float32) == "combine"
@@ -176,8 +204,10 @@ def test_strategy_rule(monkeypatch):
     with pytest.raises(ValueError, match="strategy must be one of"):
         triton_backend.choose_strategy(1, 8, 8, 2, strategy="onepass")
     # mos_kernels.resolve_strategy says the same for the triton backend
-    assert mos_kernels.resolve_strategy("auto", "triton", threshold, 768, 3072, 2,
-                                        torch.bfloat16, DEVICE) == "combine"
+    assert mos_kernels.resolve_strategy("auto", "triton", 4096, 768, 3072, 2,
+                                        torch.bfloat16, "cpu") == "combine"
+    assert mos_kernels.resolve_strategy("auto", "triton", 4095, 768, 3072, 2,
+                                        torch.bfloat16, "cpu") == "one_pass"
     assert mos_kernels.resolve_strategy("auto", "triton", 1, 8, 8, 2, torch.float64,
                                         DEVICE) == "combine"
     assert mos_kernels.resolve_strategy("one_pass", "triton", 10**6, 8, 8, 2, torch.float64,
@@ -190,7 +220,7 @@ def test_auto_runs_the_strategy_the_rule_picks(monkeypatch):
     original = triton_backend._combine
     monkeypatch.setattr(triton_backend, "_combine",
                         lambda *a: combined.append(1) or original(*a))
-    monkeypatch.setattr(triton_backend, "COMBINE_MIN_TOKENS", 16)
+    monkeypatch.setattr(triton_backend, "COMBINE_MIN_TOKENS", {8: (16,) * 8, 9: (16,) * 8})
     monkeypatch.setattr(triton_backend, "_tf32_allowed", lambda: True)  # fp32 follows the rule
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         15, 20, 17, 24, 20, 2, False, "expert", torch.float32))

@@ -103,11 +103,27 @@ def gemm_rows(compiled):
     return rows
 
 
+def launched(row):
+    """Whether the backend launches this compile's config: it leaves out the dx configs that
+    spill on sm_80 (triton_backend._dx_spills)."""
+    from mos_kernels.backends import triton_backend as tb
+    if not row["kernel"].startswith("grad_input"):
+        return True
+    c = dict(row["config"])
+    config = triton.Config({k: c.pop(k) for k in ("BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP")},
+                           **c)
+    return not tb._dx_spills(config, row["m"], row["arch"] // 10)
+
+
 def test_one_pass_kernels_do_not_spill(compiled):
+    rows = [r for r in gemm_rows(compiled) if launched(r)]
     spilling = [f"{describe(r)}: {r['registers']} registers, {r['stack']} bytes of stack, "
                 f"{r['loop'] and r['loop']['local']} local accesses in the loop"
-                for r in gemm_rows(compiled) if r["stack"] or not r["loop"] or r["loop"]["local"]]
+                for r in rows if r["stack"] or not r["loop"] or r["loop"]["local"]]
     assert not spilling, "\n".join(spilling)
+    # and every (kernel, sm, m) keeps configurations to choose from
+    kept = {(r["kernel"], r["arch"], r["m"]) for r in rows}
+    assert kept == {(r["kernel"], r["arch"], r["m"]) for r in gemm_rows(compiled)}
 
 
 def test_mixed_tile_stays_in_registers(compiled):
@@ -126,6 +142,15 @@ def test_mixed_tile_stays_in_registers(compiled):
     sync = [f"{describe(r)}: waits {r['loop']['wgmma_waits']}" for r in wide
             if not r["loop"]["wgmma_waits"] or min(r["loop"]["wgmma_waits"]) < 1]
     assert not sync, "\n".join(sync)
+
+
+# Main-loop instructions per k-iteration per warp against a plain Triton matmul of the same
+# tile, warps and stages (tests/triton_compile.py, plain_matmul), as compiled by Triton 3.9 for
+# bf16 and fp16 on sm_80 and sm_90 (docs/results-triton-sass.md): at most 4.7x at m = 2 and
+# 10.1x at m = 6. Not the 1.5x that issue 13 asks for: mixing in fp32 costs about 2m + 0.5
+# instructions per weight element a warp holds (convert each expert's element, multiply-add,
+# pack), which a plain matmul does not spend at all. A regression bound, not a target.
+MAX_LOOP_RATIO = {2: 5.0, 6: 10.5}
 
 
 def test_main_loop_instructions_against_a_plain_matmul(compiled):

@@ -12,8 +12,10 @@ Two strategies, picked per call by the ``strategy`` argument of forward and back
   instead of computing it, and writes W_a again for dx from the expert tiles it reads for the
   dbeta partials (no second combine pass). Meant for large token counts: the one-pass kernels
   recombine each weight tile once per token tile, on the CUDA cores, while combine does it once.
-- "auto" (the default): ``choose_strategy``, "combine" from COMBINE_MIN_TOKENS tokens on, and
-  always for exact fp32 (TF32 not allowed) and fp64, whose dots Triton runs on the CUDA cores.
+- "auto" (the default): ``choose_strategy``: "combine" from COMBINE_MIN_TOKENS tokens on (per
+  GPU generation and number of experts, from the cost model of benchmarks/roofline.py; see
+  docs/design-strategy.md), and always for exact fp32 (TF32 not allowed) and fp64, whose dots
+  Triton runs on the CUDA cores.
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
 a fixed order (no float atomics), so gradients are bit-identical from run to run for a given tile
@@ -33,12 +35,19 @@ import os
 import torch
 
 STRATEGIES = ("auto", "one_pass", "combine")
-# "auto" switches to combine-then-GEMM at this many tokens (rows of x). From the first H100 run
-# of benchmarks/bench_op.py (bf16, m = 2 and 6, forward + backward medians): one-pass was ahead
-# at every T <= 8192 (mt-ffn1, bert-ffn2); at T = 16384 combine was ahead for bert-ffn2 and
-# one-pass for mt-ffn1. Most of those timings were bound by host overhead, so recalibrate on
-# GPU-bound timings (larger T, or device time from the profiler).
-COMBINE_MIN_TOKENS = 16384
+# The rule of "auto" for half-precision (and TF32) inputs: combine-then-cuBLAS from this many
+# tokens (rows of x) on, per GPU generation (compute capability major) and number of experts
+# m = 1, 2, ...; None: one pass at every token count. These are the token counts from which
+# benchmarks/roofline.py (--rule) predicts combine faster than one pass for forward + backward,
+# with the one-pass kernels charged by the issue slots of their compiled main loops, on at
+# least half of the benchmark shapes (to first order the crossing does not depend on the
+# shape: the one-pass mixing and combine's extra passes both grow with n_out x n_in, the GEMMs
+# with tokens x n_out x n_in). More experts than listed take the last entry; GPU generations
+# not listed (and the interpreter) take sm_90's.
+COMBINE_MIN_TOKENS = {
+    8: (None, 8192, 2048, 1024, 768, 512),
+    9: (None, 6144, 1536, 1024, 1024, 768),
+}
 
 try:
     import triton
@@ -75,8 +84,10 @@ def unavailable_reason(device):
 
 
 def choose_strategy(tokens: int, n_out: int, n_in: int, num_experts: int,
-                    dtype: torch.dtype = torch.bfloat16, strategy: str = "auto") -> str:
-    """The strategy a call runs: ``strategy`` when it names one, else the rule of "auto"."""
+                    dtype: torch.dtype = torch.bfloat16, strategy: str = "auto",
+                    device=None) -> str:
+    """The strategy a call runs: ``strategy`` when it names one, else the rule of "auto" for
+    a call on ``device`` (None: the current CUDA device if any)."""
     if strategy != "auto":
         if strategy not in STRATEGIES:
             raise ValueError(f"mos_linear (triton): strategy must be one of {STRATEGIES}, "
@@ -87,7 +98,31 @@ def choose_strategy(tokens: int, n_out: int, n_in: int, num_experts: int,
         # sm_90 the one-pass kernels then spill kilobytes of registers per thread
         # (tests/triton_compile.py), where cuBLAS has its exact GEMMs.
         return "combine"
-    return "combine" if tokens >= COMBINE_MIN_TOKENS else "one_pass"
+    threshold = combine_min_tokens(num_experts, device)
+    return "combine" if threshold is not None and tokens >= threshold else "one_pass"
+
+
+_MAJORS = {}
+
+
+def _major(device):
+    """Compute capability major of ``device`` (None: the current CUDA device); 9 where there
+    is no CUDA device (the interpreter)."""
+    key = None if device is None else str(device)
+    major = _MAJORS.get(key)
+    if major is None:
+        major = 9
+        dev = torch.device("cuda") if device is None else torch.device(device)
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
+            major = torch.cuda.get_device_capability(dev)[0]
+        _MAJORS[key] = major
+    return major
+
+
+def combine_min_tokens(num_experts: int, device=None):
+    """The token count from which "auto" runs combine for half inputs (COMBINE_MIN_TOKENS)."""
+    table = COMBINE_MIN_TOKENS.get(_major(device), COMBINE_MIN_TOKENS[9])
+    return table[min(max(num_experts, 1), len(table)) - 1]
 
 
 if triton is not None:
@@ -442,6 +477,20 @@ if triton is not None:
         _config(8, 1, BLOCK_N=64, BLOCK_K=128),
     ]
     _MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _WGRAD_CONFIGS)
+    # dx configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers on sm_80 to
+    # sm_89 (the unswapped form mixes each weight element in every warp that shares it), for
+    # m <= 2 and for more experts: from tests/triton_compile.py (Triton 3.9, bf16 and fp16,
+    # m = 2 and 6; docs/results-triton-sass.md). _Tuned leaves them out there.
+    _DX_SPILLS_SM8X = {
+        2: {(128, 128, 64, 8)},
+        6: {(256, 64, 64, 8), (128, 128, 64, 8), (128, 64, 32, 4), (64, 128, 32, 4),
+            (64, 64, 64, 4), (32, 64, 64, 4)},
+    }
+
+    def _dx_spills(c, m, major):
+        """Whether dx config ``c`` spills registers for m experts on compute capability major."""
+        tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+        return major == 8 and tile in _DX_SPILLS_SM8X[2 if m <= 2 else 6]
     # Problems of at most this many multiply-adds (bucketed sizes) take the first config
     # untimed: they are launch-bound, and tuning them would cost more than it saves.
     _SMALL_PROBLEM = 2**24
@@ -500,7 +549,7 @@ def _swapped(device):
     """SWAP for the one-pass kernels (see _forward_kernel): on sm_90 and newer."""
     if device.type != "cuda":
         return _INTERPRETER_SWAP
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _major(device) >= 9
 
 
 def _wide(t):
@@ -514,8 +563,9 @@ def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call fr
 
 
 class _Tuned:
-    """A JIT kernel with its tile configurations and their shared-memory estimate (None: all
-    fit, and all are timed).
+    """A JIT kernel with its tile configurations, their shared-memory estimate (None: all
+    fit, and all are timed) and the configurations that spill registers (spills(config, m,
+    major), None: none; left out unless all do).
 
     The configuration is chosen once per problem key (the launch's flags, sizes bucketed to
     powers of two, m, dtype, dot precision): for small problems the first that fits, untimed;
@@ -524,8 +574,8 @@ class _Tuned:
     tensor) on every call, which cost more host time than the launch itself. Under the
     interpreter: the first configuration with the tiles of _INTERPRETER_TILES."""
 
-    def __init__(self, fn, configs, shared=None):
-        self.fn, self.configs, self.shared = fn, configs, shared
+    def __init__(self, fn, configs, shared=None, spills=None):
+        self.fn, self.configs, self.shared, self.spills = fn, configs, shared, spills
         self.chosen = {}
 
     def launch(self, d, flags, tokens, grid_of, args, constants):
@@ -542,10 +592,12 @@ class _Tuned:
     def _choose(self, d, key, grid_of, args, constants):
         if _INTERPRETED:
             return {k: _INTERPRETER_TILES.get(k, v) for k, v in self.configs[0].kwargs.items()}
-        problem = key + (d.n_out_key, d.n_in_key, d.m, d.dtype, d.precision)
+        problem = key + (d.n_out_key, d.n_in_key, d.m, d.dtype, d.precision, d.major)
         tiles = self.chosen.get(problem)
         if tiles is None:
             configs = self.configs
+            if self.spills is not None:
+                configs = [c for c in configs if not self.spills(c, d.m, d.major)] or configs
             if self.shared is not None:
                 work = key[1] * d.n_out_key * d.n_in_key
                 configs = _prune(configs, self.shared, d.element_size, d.m, work)
@@ -617,6 +669,8 @@ class _Dims:
                              f"do not fit experts {tuple(experts.shape)}")
         choose_strategy(0, self.n_out, n_in, self.m, experts.dtype, strategy)  # checks the name
         self.requested, self.dtype, self.precision = strategy, experts.dtype, precision
+        self.device = experts.device
+        self.major = _major(experts.device)
         self.element_size = experts.element_size()
         self.acc, self.dot = _types(experts.dtype)
         self.acc_torch = torch.float64 if experts.dtype == torch.float64 else torch.float32
@@ -630,7 +684,8 @@ class _Dims:
         self.options = {}
 
     def strategy(self, tokens):
-        return choose_strategy(tokens, self.n_out, self.n_in, self.m, self.dtype, self.requested)
+        return choose_strategy(tokens, self.n_out, self.n_in, self.m, self.dtype, self.requested,
+                               self.device)
 
 
 _problems = {}
@@ -834,6 +889,6 @@ def _weight_side_grads(d, strategy, tokens, experts, beta, bias, needs, dy=None,
 
 if triton is not None:
     _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared)
-    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared)
+    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared, _dx_spills)
     _WEIGHT_GRAD = _Tuned(_weight_grad_kernel, _WGRAD_CONFIGS, _wgrad_shared)
     _COMBINE = _Tuned(_combine_kernel, _COMBINE_CONFIGS)
