@@ -31,6 +31,12 @@ def strategy(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["one_pass", "combine"])
+def either(request):
+    """The strategy, for tests whose one-pass path does not depend on the kernels' form."""
+    return request.param
+
+
 def triton_op(strategy):
     def op(x, experts, beta, bias, out_features):
         return mos_kernels.mos_linear(x, experts, beta, bias, out_features=out_features,
@@ -74,6 +80,15 @@ def test_gradients_are_bit_reproducible(strategy, layerwise):
         assert torch.equal(a, b)
 
 
+def test_64_bit_offsets(strategy, monkeypatch):
+    """The one-pass kernels' WIDE form (64-bit offsets, for tensors of 2^31 elements or more)
+    computes what the 32-bit one does."""
+    if strategy == "combine":
+        pytest.skip("the combine kernels take no WIDE form")
+    monkeypatch.setattr(triton_backend, "_wide", lambda t: True)
+    check((70, 97, 65, 100, 66), 2, False, "expert", DTYPES[0], strategy)
+
+
 def test_layerwise_stride0_beta_and_strided_inputs(strategy):
     """The backend reads beta, experts, bias and dy through their strides: an expanded
     (row stride 0) beta and transposed views give what contiguous copies give; exactly so in
@@ -112,7 +127,8 @@ def test_layerwise_stride0_beta_and_strided_inputs(strategy):
                                    (False, True, True, False), (True, False, True, True)],
                          ids=lambda n: "".join("1" if b else "0" for b in n))
 @pytest.mark.parametrize("bias_kind", ["shared", "expert"])
-def test_only_requested_gradients(strategy, needs, bias_kind):
+def test_only_requested_gradients(either, needs, bias_kind):
+    strategy = either
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         35, 40, 33, 41, 36, 2, False, bias_kind, torch.float32))
     dy = torch.randn(35, 33, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -146,7 +162,8 @@ def test_every_gpu_tile_shape_under_the_interpreter(strategy, tiles, monkeypatch
     check((300, 270, 260, 280, 270), 3, False, "expert", torch.float32, strategy)
 
 
-def test_zero_tokens(strategy):
+def test_zero_tokens(either):
+    strategy = either
     x, experts, beta, bias = (t.detach() for t in make_inputs(
         1, 20, 17, 24, 20, 2, False, "expert", torch.float32))
     x = x[:0]

@@ -100,6 +100,12 @@ def kernel_cases(dtype, m, all_configs, precisions):
                     first(tb._GEMM_CONFIGS), tb._gemm_shared))
         out.append((f"grad_input[{precision}]", tb._grad_input_kernel, one_pass,
                     first(tb._GEMM_CONFIGS), tb._grad_input_shared))
+        if not all_configs:  # 64-bit offsets, for tensors of 2^31 elements or more
+            wide = dict(one_pass, WIDE=True)
+            out.append((f"forward_wide[{precision}]", tb._forward_kernel, wide,
+                        tb._GEMM_CONFIGS[:1], tb._gemm_shared))
+            out.append((f"grad_input_wide[{precision}]", tb._grad_input_kernel, wide,
+                        tb._GEMM_CONFIGS[:1], tb._grad_input_shared))
         for from_g, want_w in ((False, False), (True, False), (True, True)):
             out.append((f"weight_grad[{precision},from_g={from_g},want_w={want_w}]",
                         tb._weight_grad_kernel, dict(common, FROM_G=from_g, WANT_W=want_w),

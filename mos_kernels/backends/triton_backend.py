@@ -167,7 +167,7 @@ if triton is not None:
         """Index arithmetic in 64 bits only where the launcher found that 32 could overflow
         (_offsets_fit_int32): 32-bit offsets save the main loop most of its address arithmetic."""
         if WIDE:
-            return v.to(tl.int64)
+            return tl.cast(v, tl.int64)
         return v
 
     @triton.jit
