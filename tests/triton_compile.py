@@ -168,7 +168,8 @@ def loop_stats(text):
     instructions per k-iteration per warp, as the loop is not unrolled), its tensor-core
     instructions (HMMA/HGMMA), shared-memory stores (STS), local memory accesses (LDL/STL), and
     the pending-group counts of its wgmma waits (WARPGROUP.DEPBAR.LE gsb0, N). None if no loop
-    holds a tensor-core instruction."""
+    holds a tensor-core instruction. wgmma_register_a: per wgmma of the loop, whether its A
+    operand comes from registers."""
     code, labels, pending = [], {}, []
     for line in text.splitlines():
         label = _LABEL.match(line)
@@ -200,8 +201,11 @@ def loop_stats(text):
     opcodes = [i.split()[0] for i in body]
     waits = [int(m.group(1), 16) for i in body
              for m in [re.match(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)", i)] if m]
+    # wgmma's A operand: a register (R88) when it comes from registers, gdesc[...] from shared
+    register_a = [i.split(None, 1)[1].split(",")[1].strip().startswith("R") for i in body
+                  if i.startswith("HGMMA")]
     return dict(instructions=sum(op != "NOP" for op in opcodes),
-                mma=sum(op.startswith(_MMA) for op in opcodes),
+                mma=sum(op.startswith(_MMA) for op in opcodes), wgmma_register_a=register_a,
                 sts=sum(op.startswith("STS") for op in opcodes),
                 local=sum(op.startswith(("LDL", "STL")) for op in opcodes),
                 wgmma_waits=waits)

@@ -167,7 +167,7 @@ if triton is not None:
         """Index arithmetic in 64 bits only where the launcher found that 32 could overflow
         (_offsets_fit_int32): 32-bit offsets save the main loop most of its address arithmetic."""
         if WIDE:
-            return tl.cast(v, tl.int64)
+            v = tl.cast(v, tl.int64)
         return v
 
     @triton.jit
@@ -447,7 +447,8 @@ if triton is not None:
     # for small problems. The weight tile is recombined once per token tile, so the tall tiles
     # (256 tokens) halve that work at large token counts. (256 x 128 x 32 is not among them:
     # compiled, its forward spills registers and its dx needs more shared memory than an H100
-    # has; tests/test_triton_compile.py.)
+    # has; nor 64 x 128 x 32 with 4 warps: a warp group holding 128 rows of the mixed tile
+    # makes Triton pass it through shared memory; tests/test_triton_compile.py.)
     _GEMM_CONFIGS = [
         _config(4, 3, BLOCK_T=32, BLOCK_N=64, BLOCK_K=32, GROUP=8),
         _config(8, 3, BLOCK_T=256, BLOCK_N=64, BLOCK_K=64, GROUP=8),
@@ -455,7 +456,6 @@ if triton is not None:
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(8, 3, BLOCK_T=128, BLOCK_N=128, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=128, BLOCK_N=64, BLOCK_K=32, GROUP=8),
-        _config(4, 4, BLOCK_T=64, BLOCK_N=128, BLOCK_K=32, GROUP=8),
         _config(4, 3, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP=8),
         _config(4, 2, BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP=8),
@@ -483,8 +483,8 @@ if triton is not None:
     # m = 2 and 6; docs/results-triton-sass.md). _Tuned leaves them out there.
     _DX_SPILLS_SM8X = {
         2: {(128, 128, 64, 8)},
-        6: {(256, 64, 64, 8), (128, 128, 64, 8), (128, 64, 32, 4), (64, 128, 32, 4),
-            (64, 64, 64, 4), (32, 64, 64, 4)},
+        6: {(256, 64, 64, 8), (128, 128, 64, 8), (128, 64, 32, 4), (64, 64, 64, 4),
+            (32, 64, 64, 4)},
     }
 
     def _dx_spills(c, m, major):
