@@ -151,11 +151,11 @@ def test_mixed_tile_stays_in_registers(compiled):
 
 # Main-loop instructions per k-iteration per warp against a plain Triton matmul of the same
 # tile, warps and stages (tests/triton_compile.py, plain_matmul), as compiled by Triton 3.9 for
-# bf16 and fp16 on sm_80 and sm_90 (docs/results-triton-sass.md): at most 4.7x at m = 2 and
-# 10.1x at m = 6. Not the 1.5x that issue 13 asks for: mixing in fp32 costs about 2m + 0.5
+# bf16 and fp16 on sm_80 and sm_90 (docs/results-triton-sass.md): at most 3.9x at m = 2 and
+# 9.8x at m = 6. Not the 1.5x that issue 13 asks for: mixing in fp32 costs about 2m + 0.5
 # instructions per weight element a warp holds (convert each expert's element, multiply-add,
 # pack), which a plain matmul does not spend at all. A regression bound, not a target.
-MAX_LOOP_RATIO = {2: 5.0, 6: 10.5}
+MAX_LOOP_RATIO = {2: 4.2, 6: 10.5}
 
 
 def test_main_loop_instructions_against_a_plain_matmul(compiled):
