@@ -13,7 +13,7 @@ time (one launch per kernel) is kept out of the GPU time and reported beside it.
   one_pass one pass (strategy="one_pass"): W_a mixed tile by tile in registers while the GEMM
            runs, never stored; dx likewise; G = dy^T x with the epilogue that writes dE and the
            dbeta partials. The forward and dx kernels are charged by the SASS of their main loop
-           (TRITON_SASS on A100/H100, CUDA_SASS for the cuda backend's WMMA kernels on V100):
+           (TRITON_SASS on A100/H100, CUDA_SASS for the cuda backend's pipelined kernels on V100):
            every k-iteration of every tile issues that many instructions per warp, an SM issues
            4 per clock (one per scheduler), and the tensor cores run meanwhile: time =
            max(tensor time of the padded tiles, issue time, bytes / bandwidth), for the tile
@@ -55,7 +55,7 @@ import time
 #   H100 SXM5:      989 TFLOP/s fp16/bf16 tensor cores, 67 TFLOP/s fp32, 3350 GB/s HBM3,
 #                   132 SMs, 1.83 GHz
 # one_pass: which compiled kernels the one-pass form runs there: the Triton kernels for sm_80
-# and sm_90 (TRITON_SASS), the cuda backend's WMMA kernels on sm_70 (CUDA_SASS).
+# and sm_90 (TRITON_SASS), the cuda backend's pipelined kernels on sm_70 (CUDA_SASS).
 PEAKS = {
     "V100": dict(tensor=125e12, fp32=15.7e12, bandwidth=900e9, bf16=False, sms=80, clock=1.53e9,
                  one_pass="cuda"),
@@ -124,15 +124,18 @@ TRITON_SASS = {
         },
     },
 }
-# The cuda backend's one-pass WMMA kernels (what V100 and T4 run): tile (rows, cols, depth,
-# warps) and instructions per k-step per warp of each kernel's innermost loop holding HMMA
-# (tests/triton_compile.py's loop_stats on the SASS; the kernels take m at run time, so one
-# count serves every m), read from csrc/cuda/mos_linear_kernels.cu at commit 0588bdd compiled
-# with nvcc 13.0 -cubin -arch=sm_75 -O3 --use_fast_math --expt-relaxed-constexpr (this nvcc
-# cannot target sm_70). The CUDA kernels' author updates it when they change them; None for a
-# kernel: unknown, the one-pass form is then not predicted on V100.
-CUDA_SASS = dict(tile=(128, 128, 32, 8), instructions=dict(forward=2621, grad_input=2659),
-                 source="nvcc 13.0 -cubin -arch=sm_75, csrc/cuda/mos_linear_kernels.cu @ 0588bdd")
+# The cuda backend's pipelined one-pass kernels (what V100 and T4 run): tile (tokens, columns,
+# depth, warps) and instructions per 32-deep step per warp of the main loop, per variant (2, 4
+# or 8 experts held; "general" for m > 8), read from the SASS by tests/test_cuda_build.py
+# (`python3 tests/test_cuda_build.py 75`). V100 runs the WMMA form: these are that form's counts
+# compiled for sm_75 with -DMOS_PIPELINE_WMMA (nvcc 13 cannot target sm_70; Volta's HMMA
+# sequences differ, so a V100 count needs an older toolkit); the general variant's count is the
+# mma.sync form's. docs/results.md has the table with the commit.
+CUDA_SASS = dict(tile=(128, 64, 32, 8),
+                 instructions=dict(forward={2: 166, 4: 201, 8: 297, "general": 715},
+                                   grad_input={2: 180, 4: 217, 8: 346, "general": 760}),
+                 source="nvcc 13.0 -cubin -arch=sm_75 (-DMOS_PIPELINE_WMMA), "
+                        "csrc/cuda/mos_linear_pipeline.cuh @ 9e86a23")
 
 # name: (K_max, N_max, n_in, n_out). MT (HAT space): d_model 512/640, FFN 1024/2048/3072, experts
 # sized for the largest (640, 3072). BERT (SuperShaper space): 768 backbone, FFN 3072, hidden
@@ -166,9 +169,11 @@ def one_pass_gemm_s(peak, rows, cols, depth, m, kernel):
     grad_input: cols = n_in, depth = n_out), for the fastest configuration by the count; None
     where the counts are unknown."""
     if peak["one_pass"] == "cuda":
-        if CUDA_SASS["instructions"].get(kernel) is None:
+        counts = CUDA_SASS["instructions"].get(kernel)
+        if counts is None:
             return None
-        configs = {CUDA_SASS["tile"]: CUDA_SASS["instructions"][kernel]}
+        held = next((h for h in (2, 4, 8) if m <= h), "general")
+        configs = {CUDA_SASS["tile"]: counts[held]}
     else:
         configs = {}
         for (bt, bn, bk, warps), counts in TRITON_SASS[peak["one_pass"]][kernel].items():
