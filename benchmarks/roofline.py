@@ -73,7 +73,7 @@ LAUNCH_S = 4e-6  # host time per kernel launched from PyTorch (launch plus dispa
 # (instructions grow linearly with m in between and beyond: interpolated). Counted by
 #   python tests/triton_compile.py --sass-table --dtypes bfloat16 --experts 2 6 --all-configs \
 #       --kernels forward grad_input
-# (Triton 3.9); docs/results-triton-sass.md has the table, with the commit.
+# (Triton 3.9); docs/results.md, "Triton one-pass kernels" has the table, with the commit.
 TRITON_SASS = {
     90: {
         "forward": {

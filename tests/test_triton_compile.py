@@ -134,7 +134,7 @@ def test_mixed_tile_stays_in_registers(compiled):
     wgmma waits leave at least one group in flight, so the tensor cores run while the next
     tile is mixed. (dx's do not yet: its beta slice runs along the dot's reduction and goes
     to the A operand's layout through shared memory, and ptxas serialises its wgmmas;
-    docs/results-triton-sass.md.)"""
+    docs/results.md, "Triton one-pass kernels".)"""
     rows = gemm_rows(compiled)
     forward = [r for r in rows if r["kernel"].startswith("forward")]
     stores = [f"{describe(r)}: {r['loop']['sts']} STS" for r in forward if r["loop"]["sts"]]
@@ -151,10 +151,10 @@ def test_mixed_tile_stays_in_registers(compiled):
 
 # Main-loop instructions per k-iteration per warp against a plain Triton matmul of the same
 # tile, warps and stages (tests/triton_compile.py, plain_matmul), as compiled by Triton 3.9 for
-# bf16 and fp16 on sm_80 and sm_90 (docs/results-triton-sass.md): at most 3.9x at m = 2 and
-# 9.8x at m = 6. Not the 1.5x that issue 13 asks for: mixing in fp32 costs about 2m + 0.5
-# instructions per weight element a warp holds (convert each expert's element, multiply-add,
-# pack), which a plain matmul does not spend at all. A regression bound, not a target.
+# bf16 and fp16 on sm_80 and sm_90 (docs/results.md, "Triton one-pass kernels"): at most 3.9x
+# at m = 2 and 9.8x at m = 6. Not the 1.5x that issue 13 asks for: mixing in fp32 costs about
+# 2m + 0.5 instructions per weight element a warp holds (convert each expert's element,
+# multiply-add, pack), which a plain matmul does not spend at all. A regression bound, not a target.
 MAX_LOOP_RATIO = {2: 4.2, 6: 10.5}
 
 

@@ -13,7 +13,7 @@
 // "auto" is combine: on an H100 it was faster for every benchmark shape and token count (512 to
 // 16384; benchmarks/roofline.py --measure) than the earlier single-stage one-pass kernels. The
 // pipelined kernels that replaced them for the forward and dx have not been timed on a GPU yet
-// (docs/design-cuda.md), so "auto" stays combine until they are. Neither strategy stores an
+// (docs/design.md, section 5), so "auto" stays combine until they are. Neither strategy stores an
 // (m, N, K) temporary.
 #include <torch/extension.h>
 

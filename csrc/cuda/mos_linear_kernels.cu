@@ -21,7 +21,7 @@
 //
 // Speed: the single-stage tiles stage one tile ahead in registers and are bound by load latency,
 // not by the tensor cores; the binding's "auto" strategy uses combine() + cuBLAS +
-// weight_grad_from_product() (docs/design-cuda.md says which GPU gets what).
+// weight_grad_from_product() (docs/design.md, section 5 says which GPU gets what).
 //
 // combine() and weight_grad_from_product() are memory-bound: their work units live in
 // mos_linear_elementwise.cuh (16-byte accesses, no block synchronisation, tested on the CPU by

@@ -1,7 +1,8 @@
 """CUDA C++ kernels (csrc/cuda/), bound in mos_kernels._C when it is built with CUDA. The
 strategy ("auto" = "combine", or "one_pass") goes to the binding as an argument. "one_pass" runs
 the pipelined forward/dx kernels for fp16 (and bf16 from sm_80), the fused path of V100 and T4,
-where Triton does not run (docs/design-cuda.md); "auto" stays "combine" until they are timed."""
+where Triton does not run (docs/design.md, section 5); "auto" stays "combine" until they are
+timed."""
 from . import cpu_backend
 from .cpu_backend import _IMPORT_ERROR
 

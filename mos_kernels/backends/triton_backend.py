@@ -14,7 +14,7 @@ Two strategies, picked per call by the ``strategy`` argument of forward and back
   recombine each weight tile once per token tile, on the CUDA cores, while combine does it once.
 - "auto" (the default): ``choose_strategy``: "combine" from COMBINE_MIN_TOKENS tokens on (per
   GPU generation and number of experts, from the cost model of benchmarks/roofline.py; see
-  docs/design-strategy.md), and always for exact fp32 (TF32 not allowed) and fp64, whose dots
+  docs/design.md, section 4), and always for exact fp32 (TF32 not allowed) and fp64, whose dots
   Triton runs on the CUDA cores.
 
 dbeta and dbias come from a second small kernel that sums the dbeta partials over the k tiles in
@@ -480,7 +480,7 @@ if triton is not None:
     # dx configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers on sm_80 to
     # sm_89 (the unswapped form mixes each weight element in every warp that shares it), for
     # m <= 2 and for more experts: from tests/triton_compile.py (Triton 3.9, bf16 and fp16,
-    # m = 2 and 6; docs/results-triton-sass.md). _Tuned leaves them out there.
+    # m = 2 and 6; docs/results.md, "Triton one-pass kernels"). _Tuned leaves them out there.
     _DX_SPILLS_SM8X = {
         2: {(128, 128, 64, 8)},
         6: {(256, 64, 64, 8), (128, 128, 64, 8), (128, 64, 32, 4), (64, 64, 64, 4),
