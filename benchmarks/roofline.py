@@ -430,7 +430,7 @@ def device_key(name):
     return next((key for key in PEAKS if key in name), None)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON file to write")
     ap.add_argument("--devices", nargs="+", default=list(PEAKS), choices=list(PEAKS))
@@ -449,10 +449,12 @@ def main(argv=None):
     ap.add_argument("--rule", action="store_true",
                     help="also print, per GPU, m and benchmark shape, the token count from "
                          "which combine is predicted faster than one pass")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def predicted_rows(devices):
     rows = []
-    for device in args.devices:
+    for device in devices:
         for dtype in DTYPES:
             if dtype == "bfloat16" and not PEAKS[device]["bf16"]:
                 continue
@@ -461,37 +463,10 @@ def main(argv=None):
                     for m in EXPERTS:
                         rows.append(dict(device=device, dtype=dtype, shape=name, dims=shape,
                                          tokens=tokens, m=m, **predict(device, shape, tokens, m)))
+    return rows
 
-    def save(gpu=None):
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(dict(peaks=PEAKS, launch_s=LAUNCH_S, triton_sass=_jsonable(TRITON_SASS),
-                               cuda_sass=CUDA_SASS,
-                               measured_on=gpu, rows=rows), f, indent=1)
 
-    measured, gpu = {}, None
-    if args.measure:
-        import torch
-        if args.measure_device == "cpu":
-            gpu = "cpu"
-        elif not torch.cuda.is_available():
-            sys.exit("--measure needs a CUDA GPU (or --measure-device cpu)")
-        else:
-            gpu = torch.cuda.get_device_name()
-        key = device_key(gpu)
-
-        def on_case(case, row):  # written as it goes: a time limit keeps what was measured
-            name, tokens, m = case
-            rows.append(dict(device=gpu, dtype=args.measure_dtype, shape=name, dims=SHAPES[name],
-                             tokens=tokens, m=m, measured=row,
-                             predicted=predict(key, SHAPES[name], tokens, m) if key else None))
-            save(gpu)
-
-        measured = measure(args.measure_shapes, args.measure_tokens, args.measure_experts,
-                           args.measure_dtype, args.reps, on_case, args.measure_device)
-
-    shown = args.shapes or list(BENCH_SHAPES)
+def print_predictions(rows, shown):
     print("Predicted GPU time (float16; bfloat16 the same on A100/H100, not supported on V100),")
     print("as ratios to the dense slice; dense in us; host = launch time per call in us, not in")
     print("the GPU time; one_pass '-' where its compiled main loop is not counted.")
@@ -511,29 +486,76 @@ def main(argv=None):
               f"{1e6 * r['dense']['fwd']:>8.1f} {cell(ratio('one_pass', 'fwd')):>14} "
               f"{cell(ratio('combine', 'fwd')):>13} {cell(ratio('one_pass', 'fwdbwd')):>16} "
               f"{cell(ratio('combine', 'fwdbwd')):>7} {host:>32}")
-    if args.rule:
-        print("\nTokens from which combine is predicted faster than one pass, forward+backward "
-              f"(None: not at {RULE_TOKENS[-1]})")
-        for device in args.devices:
-            for m in range(1, RULE_EXPERTS + 1):
-                crossings = {label: combine_min_tokens(device, SHAPES[name], m)
-                             for label, name in BENCH_SHAPES.items()}
-                print(f"{device} m={m}: " + "  ".join(f"{k} {v}" for k, v in crossings.items()))
-        print("\nCOMBINE_MIN_TOKENS (mos_kernels/backends/triton_backend.py):", rule_table())
-    if measured:
-        print(f"\nMeasured on {gpu} ({args.measure_dtype}), GPU ms per call; predicted for "
-              f"{device_key(gpu)} in brackets")
-        for r in rows:
-            if "measured" not in r:
-                continue
-            for mode in ("fwd", "fwdbwd"):
-                cells = []
-                for p, v in r["measured"].items():
-                    pred = r["predicted"][p][mode] if r["predicted"] and p in r["predicted"] else None
-                    cells.append(f"{p} {1e3 * v[mode]:.3f}" +
-                                 (f" [{1e3 * pred:.3f}]" if pred is not None else ""))
-                print(f"{r['shape']:19} T={r['tokens']:>6} m={r['m']} {mode:6} " + "  ".join(cells))
 
+
+def print_rule(devices):
+    print("\nTokens from which combine is predicted faster than one pass, forward+backward "
+          f"(None: not at {RULE_TOKENS[-1]})")
+    for device in devices:
+        for m in range(1, RULE_EXPERTS + 1):
+            crossings = {label: combine_min_tokens(device, SHAPES[name], m)
+                         for label, name in BENCH_SHAPES.items()}
+            print(f"{device} m={m}: " + "  ".join(f"{k} {v}" for k, v in crossings.items()))
+    print("\nCOMBINE_MIN_TOKENS (mos_kernels/backends/triton_backend.py):", rule_table())
+
+
+def print_measured(rows, gpu, dtype):
+    print(f"\nMeasured on {gpu} ({dtype}), GPU ms per call; predicted for "
+          f"{device_key(gpu)} in brackets")
+    for r in rows:
+        if "measured" not in r:
+            continue
+        for mode in ("fwd", "fwdbwd"):
+            cells = []
+            for p, v in r["measured"].items():
+                pred = r["predicted"][p][mode] if r["predicted"] and p in r["predicted"] else None
+                cells.append(f"{p} {1e3 * v[mode]:.3f}" +
+                             (f" [{1e3 * pred:.3f}]" if pred is not None else ""))
+            print(f"{r['shape']:19} T={r['tokens']:>6} m={r['m']} {mode:6} " + "  ".join(cells))
+
+
+def measure_here(args, rows, save):
+    """Times the forms on this machine's GPU (or CPU), appending rows as they are measured;
+    returns (the measurements, the device's name)."""
+    import torch
+    if args.measure_device == "cpu":
+        gpu = "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("--measure needs a CUDA GPU (or --measure-device cpu)")
+    else:
+        gpu = torch.cuda.get_device_name()
+    key = device_key(gpu)
+
+    def on_case(case, row):  # written as it goes: a time limit keeps what was measured
+        name, tokens, m = case
+        rows.append(dict(device=gpu, dtype=args.measure_dtype, shape=name, dims=SHAPES[name],
+                         tokens=tokens, m=m, measured=row,
+                         predicted=predict(key, SHAPES[name], tokens, m) if key else None))
+        save(gpu)
+
+    measured = measure(args.measure_shapes, args.measure_tokens, args.measure_experts,
+                       args.measure_dtype, args.reps, on_case, args.measure_device)
+    return measured, gpu
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = predicted_rows(args.devices)
+
+    def save(gpu=None):
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(dict(peaks=PEAKS, launch_s=LAUNCH_S, triton_sass=_jsonable(TRITON_SASS),
+                               cuda_sass=CUDA_SASS,
+                               measured_on=gpu, rows=rows), f, indent=1)
+
+    measured, gpu = measure_here(args, rows, save) if args.measure else ({}, None)
+    print_predictions(rows, args.shapes or list(BENCH_SHAPES))
+    if args.rule:
+        print_rule(args.devices)
+    if measured:
+        print_measured(rows, gpu, args.measure_dtype)
     if args.out:
         save(gpu)
         print(f"\nwrote {args.out}")
