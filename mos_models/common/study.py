@@ -461,37 +461,38 @@ def _fmt(v: float) -> str:
     return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"
 
 
-def summary_table(report: Dict) -> str:
-    """Markdown: per supernet (kind, seed), each metric's MAE, Kendall tau and mean gap."""
+def _comparison_table(report: Dict, entries: List[Dict], heads: List[str],
+                      lead: Callable[[Dict], Tuple[str, ...]]) -> str:
+    """Markdown: one row per ``lead(entry)`` (the first cells), then each metric's MAE,
+    Kendall tau and mean gap from the entries of that row."""
     metrics = [Metric(**m) for m in report["metrics"]]
-    steps = {(r["kind"], r["seed"]): r["steps"] for r in report["runs"]}
-    head = "| supernet | seed | steps | " + " | ".join(
-        f"{m.label} MAE | {m.label} tau | {m.label} gap" for m in metrics) + " |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(metrics))]
-    by = {(s["kind"], s["seed"], s["metric"]): s for s in report["summary"]}
-    for kind, seed in dict.fromkeys((s["kind"], s["seed"]) for s in report["summary"]):
-        cells = [kind, str(seed), str(steps[(kind, seed)])]
+    lines = ["| " + " | ".join(heads) + " | " + " | ".join(
+        f"{m.label} MAE | {m.label} tau | {m.label} gap" for m in metrics) + " |",
+        "|" + "---|" * (len(heads) + 3 * len(metrics))]
+    rows: Dict[Tuple[str, ...], Dict[str, Dict]] = {}
+    for e in entries:
+        rows.setdefault(lead(e), {})[e["metric"]] = e
+    for cells, by_metric in rows.items():
+        cells = list(cells)
         for m in metrics:
-            s = by[(kind, seed, m.name)]
-            cells += [_fmt(s["mae"]), _fmt(s["kendall_tau"]), _fmt(s["mean_gap"])]
+            e = by_metric[m.name]
+            cells += [_fmt(e["mae"]), _fmt(e["kendall_tau"]), _fmt(e["mean_gap"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_table(report: Dict) -> str:
+    """Markdown: per supernet (kind, seed), each metric's MAE, Kendall tau and mean gap."""
+    steps = {(r["kind"], r["seed"]): r["steps"] for r in report["runs"]}
+    return _comparison_table(report, report["summary"], ["supernet", "seed", "steps"],
+                             lambda s: (s["kind"], str(s["seed"]),
+                                        str(steps[(s["kind"], s["seed"])])))
 
 
 def noise_table(report: Dict) -> str:
-    metrics = [Metric(**m) for m in report["metrics"]]
-    lines = ["| supernet | seeds | " + " | ".join(
-        f"{m.label} MAE | {m.label} tau | {m.label} gap" for m in metrics) + " |",
-        "|" + "---|" * (2 + 3 * len(metrics))]
-    by = {(n["kind"], tuple(n["seeds"]), n["metric"]): n for n in report["noise_floor"]}
-    for kind, seeds in dict.fromkeys((n["kind"], tuple(n["seeds"]))
-                                     for n in report["noise_floor"]):
-        cells = [kind, " vs ".join(map(str, seeds))]
-        for m in metrics:
-            n = by[(kind, seeds, m.name)]
-            cells += [_fmt(n["mae"]), _fmt(n["kendall_tau"]), _fmt(n["mean_gap"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Markdown: the same comparison between two seeds' inherited scores of one kind."""
+    return _comparison_table(report, report["noise_floor"], ["supernet", "seeds"],
+                             lambda n: (n["kind"], " vs ".join(map(str, n["seeds"]))))
 
 
 def arch_table(report: Dict) -> str:
