@@ -106,9 +106,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--arch", default=None,
                    help="train this architecture of the space alone, from scratch (a static "
                         "BERT): largest | smallest | ARCH.json | inline JSON")
-    cli.add_supernet_flags(t)
-    cli.add_budget_flags(t, seed=0)
-    cli.add_runtime_flags(t)
+    cli.add_train_flags(t, seed=0)
     t.set_defaults(func=cmd_train, checkpoint_minutes=2.0)
 
 

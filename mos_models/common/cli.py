@@ -76,6 +76,13 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_train_flags(parser: argparse.ArgumentParser, seed: int = 0) -> None:
+    """The flag groups every ``train`` command takes: supernet, budget, runtime."""
+    add_supernet_flags(parser)
+    add_budget_flags(parser, seed=seed)
+    add_runtime_flags(parser)
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a ``train`` command's arguments (the three groups above)."""
     return TrainConfig(

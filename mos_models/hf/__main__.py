@@ -86,9 +86,7 @@ def _train_parser(sub) -> None:
                    "(default: 1/4, 1/2, 3/4, 1 x intermediate_size)")
     t.add_argument("--layer-choices", default=None, help="comma-separated layer counts "
                    "(default: ceil(L/3)..L)")
-    cli.add_supernet_flags(t)
-    cli.add_budget_flags(t, seed=0)
-    cli.add_runtime_flags(t)
+    cli.add_train_flags(t, seed=0)
     t.set_defaults(func=cmd_train, checkpoint_minutes=2.0)
 
 

@@ -112,9 +112,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--arch", default=None,
                    help="train this architecture of the space alone, from scratch (a static "
                         "model): largest | smallest | ARCH.json | inline JSON")
-    cli.add_supernet_flags(t)
-    cli.add_budget_flags(t, seed=1)
-    cli.add_runtime_flags(t)
+    cli.add_train_flags(t, seed=1)
     t.set_defaults(func=cmd_train, save_every=200)
 
 
