@@ -3,7 +3,7 @@
 Two strategies, picked per call by the ``strategy`` argument of forward and backward:
 
 - "one_pass": y = x @ W_a^T + b_a and dx = dy @ W_a by one GEMM kernel each, whose weight-tile load
-  combines the m expert tiles with beta in fp32 registers before the dot product; W_a never exists
+  combines the m expert tiles with beta in registers before the dot product; W_a never exists
   in memory. The weight gradient is one kernel computing G = dy^T x tile by tile over the tokens,
   which writes the m slices of dexperts, the row sums s = sum_t dy and per-tile dbeta partials
   from its epilogue.
@@ -24,8 +24,10 @@ picked by timing, once per problem key (sizes bucketed to powers of two) and pro
 not triton.autotune: its per-call key cost more host time than the launch); small problems and
 the interpreter use one fixed configuration.
 
-Precision: fp16 and bf16 inputs are combined and accumulated in fp32; the combined weight tile is
-rounded to the input dtype for the tensor-core dot. fp64 inputs use fp64 throughout. fp32 inputs
+Precision: fp16 and bf16 inputs accumulate in fp32. "combine" mixes W_a in fp32 and rounds it
+once to the input dtype; "one_pass" mixes in the input dtype (packed half2 multiply-adds, each
+step rounded to nearest: _mix_tile), which is what makes its mixing cheap enough to hide behind
+the tensor cores. fp64 inputs use fp64 throughout. fp32 inputs
 follow torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot products, as
 cuBLAS does), so both strategies round alike; with TF32 allowed both use TF32 tensor cores.
 """
@@ -45,8 +47,8 @@ STRATEGIES = ("auto", "one_pass", "combine")
 # with tokens x n_out x n_in). More experts than listed take the last entry; GPU generations
 # not listed (and the interpreter) take sm_90's.
 COMBINE_MIN_TOKENS = {
-    8: (None, 8192, 2048, 1024, 768, 512),
-    9: (None, 6144, 1536, 1024, 1024, 768),
+    8: (None, None, None, None, None, 65536),
+    9: (None, None, None, 131072, 32768, 16384),
 }
 
 try:
@@ -171,18 +173,40 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _rounded(w, DTYPE: tl.constexpr):
+        """w rounded to DTYPE, in w's type: a no-op where they are one type (half inputs on a
+        GPU, fp32, fp64). Otherwise (bf16 under the interpreter, which mixes it in fp32, see
+        _types) round to nearest even by hand: the interpreter's casts to bf16 truncate."""
+        if w.dtype == DTYPE:
+            out = w
+        else:
+            bits = w.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            out = bits.to(tl.float32, bitcast=True)
+        return out
+
+    @triton.jit
     def _mix_tile(E0, e_offsets, e_mask, stride_e0, B0, beta_offsets, beta_mask, stride_bi,
-                  M: tl.constexpr, ACC: tl.constexpr):
-        """sum_i beta[., i] * E[i, ., .] over one tile, in ACC precision. E0 and B0 are scalar
-        pointers (expert 0, beta column 0) to which the tile's offsets are added: the offsets are
-        shared by all experts, so stepping to the next expert is one scalar pointer add."""
-        w = tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0).to(ACC) * \
-            tl.load(E0 + e_offsets, mask=e_mask, other=0.0).to(ACC)
+                  M: tl.constexpr, DOT: tl.constexpr):
+        """sum_i beta[., i] * E[i, ., .] over one tile, as DOT (the dot's operand type), each
+        step rounded to the input dtype. For half inputs on a GPU that makes the mixing packed
+        bf16x2/fp16x2 multiply-adds, two elements per instruction and no conversions (fp32
+        mixing spends several times the issue slots, which the main loop cannot hide behind the
+        tensor cores); it rounds as the naive form computed in that dtype does. E0 and B0 are
+        scalar pointers (expert 0, beta column 0) to which the tile's offsets are added: the
+        offsets are shared by all experts, so stepping to the next expert is one scalar pointer
+        add."""
+        e = tl.load(E0 + e_offsets, mask=e_mask, other=0.0)
+        b = tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0)
+        w = _rounded(b.to(DOT) * e.to(DOT), e.dtype)
         for _ in tl.static_range(1, M):
             E0 += stride_e0
             B0 += stride_bi
-            w += tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0).to(ACC) * \
-                tl.load(E0 + e_offsets, mask=e_mask, other=0.0).to(ACC)
+            e = tl.load(E0 + e_offsets, mask=e_mask, other=0.0)
+            b = tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0)
+            # an explicit fma: from a sum of products the compiler makes unpacked scalar adds
+            # for m > 2
+            w = _rounded(tl.fma(b.to(DOT), e.to(DOT), w), e.dtype)
         return w
 
     # SWAP (sm_90 and newer): both GEMM kernels compute the transpose of their output tile, so
@@ -232,13 +256,13 @@ if triton is not None:
             if SWAP:
                 x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[:, None], other=0.0)
                 w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[None, :], stride_e0, Beta,
-                              beta_offsets, beta_ok, stride_bi, M, ACC)
-                acc = tl.dot(w.to(DOT), x.to(DOT), acc, input_precision=PRECISION)
+                              beta_offsets, beta_ok, stride_bi, M, DOT)
+                acc = tl.dot(w, x.to(DOT), acc, input_precision=PRECISION)
             else:
                 x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[None, :], other=0.0)
                 w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[:, None], stride_e0, Beta,
-                              beta_offsets, beta_ok, stride_bi, M, ACC)
-                acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+                              beta_offsets, beta_ok, stride_bi, M, DOT)
+                acc = tl.dot(x.to(DOT), w, acc, input_precision=PRECISION)
         bias = tl.zeros((BLOCK_N,), dtype=ACC)
         if bias_kind == 1:
             bias = tl.load(Bias + cols_in * stride_bias1).to(ACC)
@@ -268,6 +292,10 @@ if triton is not None:
         transpose, stored transposed); the loop runs over the output features o, BLOCK_K at a
         time. The tile sizes keep the forward's roles (BLOCK_N: the weight tile's rows in the
         dot, BLOCK_K: the reduction step), so a configuration gives both kernels the same dots."""
+        # Without it the loop's zero-trip path sets the accumulator after the loop's last wgmma
+        # and before its final wait, and ptxas then serialises every wgmma of the loop. The
+        # launcher guarantees it (_Dims).
+        tl.assume(n_out > 0)
         pid_t, pid_k = _grouped_tile(T, n_in, BLOCK_T, BLOCK_N, GROUP)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         ks = _index(pid_k * BLOCK_N + tl.arange(0, BLOCK_N), WIDE)  # input features
@@ -291,14 +319,14 @@ if triton is not None:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[:, None], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, k_ok[:, None] & o_ok[None, :],
                               stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[None, :],
-                              stride_bi, M, ACC)
-                acc = tl.dot(w.to(DOT), dy.to(DOT), acc, input_precision=PRECISION)
+                              stride_bi, M, DOT)
+                acc = tl.dot(w, dy.to(DOT), acc, input_precision=PRECISION)
             else:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[None, :], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, o_ok[:, None] & k_ok[None, :],
                               stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[:, None],
-                              stride_bi, M, ACC)
-                acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+                              stride_bi, M, DOT)
+                acc = tl.dot(dy.to(DOT), w, acc, input_precision=PRECISION)
         rows = _index(rows, WIDE)
         if SWAP:
             tl.store(DX + rows[None, :] * stride_dxt + ks[:, None], acc.to(DX.dtype.element_ty),
@@ -482,9 +510,8 @@ if triton is not None:
     # m <= 2 and for more experts: from tests/triton_compile.py (Triton 3.9, bf16 and fp16,
     # m = 2 and 6; docs/results.md, "Triton one-pass kernels"). _Tuned leaves them out there.
     _DX_SPILLS_SM8X = {
-        2: {(128, 128, 64, 8)},
-        6: {(256, 64, 64, 8), (128, 128, 64, 8), (128, 64, 32, 4), (64, 64, 64, 4),
-            (32, 64, 64, 4)},
+        2: set(),
+        6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4)},
     }
 
     def _dx_spills(c, m, major):
@@ -664,7 +691,8 @@ class _Dims:
         self.n_in = n_in
         self.m, self.n_max, self.k_max = experts.shape
         self.n_out = beta.shape[0]
-        if beta.shape[1] != self.m or self.n_out > self.n_max or self.n_in > self.k_max:
+        if beta.shape[1] != self.m or not (1 <= self.n_out <= self.n_max
+                                           and 1 <= self.n_in <= self.k_max):
             raise ValueError(f"mos_linear (triton): beta {tuple(beta.shape)} and n_in = {n_in} "
                              f"do not fit experts {tuple(experts.shape)}")
         choose_strategy(0, self.n_out, n_in, self.m, experts.dtype, strategy)  # checks the name
