@@ -5,7 +5,8 @@ variant the backend launches must compile; the config pruner's shared-memory est
 bound what the compiler allocates (small problems launch the first config that the estimate
 says fits, untimed, so an estimate below the truth is a launch failure); for bf16, what most
 GPU training runs, every autotune configuration must fit an A100's and an H100's shared memory
-and spill at most a few registers. The one-pass forward and dx kernels, at every bf16 and fp16
+and spill at most a few registers, and nothing the backend launches may spill (it leaves out
+the few configurations that do). The one-pass forward and dx kernels, at every bf16 and fp16
 configuration and m = 2 and 6, must not spill at all, and their main loop (read from the SASS)
 must keep the mixed weight tile out of shared memory, keep wgmma asynchronous on sm_90, and
 issue no more instructions than MAX_LOOP_RATIO times a plain Triton matmul of the same tile."""
@@ -105,14 +106,19 @@ def gemm_rows(compiled):
 
 def launched(row):
     """Whether the backend launches this compile's config: it leaves out the dx configs that
-    spill on sm_80 (triton_backend._dx_spills)."""
+    spill on sm_80 (triton_backend._dx_spills) and the weight-gradient configs whose W_a-writing
+    variant spills (_wgrad_spills)."""
     from mos_kernels.backends import triton_backend as tb
-    if not row["kernel"].startswith("grad_input"):
-        return True
     c = dict(row["config"])
-    config = triton.Config({k: c.pop(k) for k in ("BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP")},
-                           **c)
-    return not tb._dx_spills(config, row["m"], row["arch"] // 10)
+    tiles = {k: c.pop(k) for k in ("BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP") if k in c}
+    config = triton.Config(tiles, **c)
+    if row["kernel"].startswith("grad_input"):
+        return not tb._dx_spills(config, row["m"], row["arch"] // 10, ("grad_input", False))
+    if row["kernel"].startswith("weight_grad"):
+        want_w = "want_w=True" in row["kernel"]
+        return not tb._wgrad_spills(config, row["m"], row["arch"] // 10,
+                                    ("weight_grad", True, want_w))
+    return True
 
 
 def test_one_pass_kernels_do_not_spill(compiled):
@@ -124,6 +130,19 @@ def test_one_pass_kernels_do_not_spill(compiled):
     # and every (kernel, sm, m) keeps configurations to choose from
     kept = {(r["kernel"], r["arch"], r["m"]) for r in rows}
     assert kept == {(r["kernel"], r["arch"], r["m"]) for r in gemm_rows(compiled)}
+
+
+def test_weight_gradient_kernels_do_not_spill(compiled):
+    """Every weight-gradient config the backend launches (bf16, m = 2 on sm_80 and sm_90,
+    m = 6 on sm_90), in each variant, spills nothing."""
+    rows = [r for run in ("bf16", "bf16-m6") for r in compiled[run]
+            if r["kernel"].startswith("weight_grad") and "error" not in r]
+    assert {(r["m"], r["arch"]) for r in rows} == {(2, 80), (2, 90), (6, 90)}
+    spilling = [f"{describe(r)}: {r['registers']} registers, {r['stack']} bytes of stack"
+                for r in rows if launched(r) and r["stack"]]
+    assert not spilling, "\n".join(spilling)
+    left_out = {(r["kernel"], r["m"], r["arch"]) for r in rows if not launched(r)}
+    assert all("want_w=True" in kernel for kernel, _, _ in left_out)
 
 
 def test_mixed_tile_stays_in_registers(compiled):

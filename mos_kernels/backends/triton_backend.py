@@ -514,10 +514,25 @@ if triton is not None:
         6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4)},
     }
 
-    def _dx_spills(c, m, major):
+    def _dx_spills(c, m, major, flags):
         """Whether dx config ``c`` spills registers for m experts on compute capability major."""
         tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
         return major == 8 and tile in _DX_SPILLS_SM8X[2 if m <= 2 else 6]
+
+    # Weight-gradient configs (BLOCK_N, BLOCK_K, BLOCK_T, num_warps) whose WANT_W variant (the
+    # combine strategy's, which also writes W_a) spills registers on sm_80 and sm_90: its
+    # epilogue holds the G tile, W_a's accumulator and an expert tile at once. Same source as
+    # _DX_SPILLS_SM8X; _Tuned leaves them out for that variant.
+    _WGRAD_W_SPILLS = {
+        2: {(64, 128, 64, 4)},
+        6: {(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)},
+    }
+
+    def _wgrad_spills(c, m, major, flags):
+        """Whether weight-gradient config ``c`` spills for m experts in the variant ``flags``
+        (the launch's: flags[2] is WANT_W)."""
+        tile = (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_T"], c.num_warps)
+        return bool(flags[2]) and tile in _WGRAD_W_SPILLS[2 if m <= 2 else 6]
     # Problems of at most this many multiply-adds (bucketed sizes) take the first config
     # untimed: they are launch-bound, and tuning them would cost more than it saves.
     _SMALL_PROBLEM = 2**24
@@ -592,7 +607,7 @@ def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call fr
 class _Tuned:
     """A JIT kernel with its tile configurations, their shared-memory estimate (None: all
     fit, and all are timed) and the configurations that spill registers (spills(config, m,
-    major), None: none; left out unless all do).
+    major, flags of the launch), None: none; left out unless all do).
 
     The configuration is chosen once per problem key (the launch's flags, sizes bucketed to
     powers of two, m, dtype, dot precision): for small problems the first that fits, untimed;
@@ -624,7 +639,8 @@ class _Tuned:
         if tiles is None:
             configs = self.configs
             if self.spills is not None:
-                configs = [c for c in configs if not self.spills(c, d.m, d.major)] or configs
+                configs = [c for c in configs
+                           if not self.spills(c, d.m, d.major, key[0])] or configs
             if self.shared is not None:
                 work = key[1] * d.n_out_key * d.n_in_key
                 configs = _prune(configs, self.shared, d.element_size, d.m, work)
@@ -918,5 +934,5 @@ def _weight_side_grads(d, strategy, tokens, experts, beta, bias, needs, dy=None,
 if triton is not None:
     _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared)
     _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared, _dx_spills)
-    _WEIGHT_GRAD = _Tuned(_weight_grad_kernel, _WGRAD_CONFIGS, _wgrad_shared)
+    _WEIGHT_GRAD = _Tuned(_weight_grad_kernel, _WGRAD_CONFIGS, _wgrad_shared, _wgrad_spills)
     _COMBINE = _Tuned(_combine_kernel, _COMBINE_CONFIGS)
