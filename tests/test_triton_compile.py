@@ -105,16 +105,17 @@ def gemm_rows(compiled):
 
 
 def launched(row):
-    """Whether the backend launches this compile's config: it leaves out the dx configs that
-    spill on sm_80 (triton_backend._dx_spills) and the weight-gradient configs whose W_a-writing
-    variant spills (_wgrad_spills)."""
+    """Whether the backend launches this compile's config: it leaves out the one-pass configs
+    that spill on sm_80 (triton_backend._one_pass_spills) and the weight-gradient configs whose
+    W_a-writing variant spills (_wgrad_spills)."""
     from mos_kernels.backends import triton_backend as tb
     c = dict(row["config"])
     tiles = {k: c.pop(k) for k in ("BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP") if k in c}
     config = triton.Config(tiles, **c)
-    if row["kernel"].startswith("grad_input"):
-        return not tb._dx_spills(config, row["m"], row["arch"] // 10, ("grad_input", False))
-    if row["kernel"].startswith("weight_grad"):
+    kernel = row["kernel"].split("[")[0]
+    if kernel in ("forward", "grad_input"):
+        return not tb._one_pass_spills(config, row["m"], row["arch"] // 10, (kernel, False))
+    if kernel == "weight_grad":
         want_w = "want_w=True" in row["kernel"]
         return not tb._wgrad_spills(config, row["m"], row["arch"] // 10,
                                     ("weight_grad", True, want_w))

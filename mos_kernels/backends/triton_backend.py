@@ -48,7 +48,7 @@ STRATEGIES = ("auto", "one_pass", "combine")
 # not listed (and the interpreter) take sm_90's.
 COMBINE_MIN_TOKENS = {
     8: (None, None, None, None, None, 65536),
-    9: (None, None, None, 131072, 32768, 16384),
+    9: (None, None, None, None, None, 98304),
 }
 
 try:
@@ -487,6 +487,7 @@ if triton is not None:
         _config(4, 3, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64, GROUP=8),
         _config(4, 4, BLOCK_T=64, BLOCK_N=64, BLOCK_K=32, GROUP=8),
         _config(4, 2, BLOCK_T=32, BLOCK_N=32, BLOCK_K=32, GROUP=8),
+        _config(4, 4, BLOCK_T=256, BLOCK_N=64, BLOCK_K=32, GROUP=8),
     ]
     # (output, input) tiles of G with a token step; the first is the one used for small problems.
     # BLOCK_K also sets how many dbeta partials there are.
@@ -505,24 +506,29 @@ if triton is not None:
         _config(8, 1, BLOCK_N=64, BLOCK_K=128),
     ]
     _MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _WGRAD_CONFIGS)
-    # dx configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers on sm_80 to
-    # sm_89 (the unswapped form mixes each weight element in every warp that shares it), for
-    # m <= 2 and for more experts: from tests/triton_compile.py (Triton 3.9, bf16 and fp16,
-    # m = 2 and 6; docs/results.md, "Triton one-pass kernels"). _Tuned leaves them out there.
-    _DX_SPILLS_SM8X = {
-        2: set(),
-        6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4)},
+    # One-pass configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers, per
+    # kernel and compute capability major, for m <= 2 and for more experts: from
+    # tests/triton_compile.py (Triton 3.9, bf16 and fp16, m = 2 and 6; docs/results.md, "Triton
+    # one-pass kernels"). _Tuned leaves them out there. All are sm_80 to sm_89's: the unswapped
+    # form mixes each weight element in every warp that shares it, and a 256-token tile of 4
+    # warps holds 128 accumulators per thread in mma.sync's layout.
+    _ONE_PASS_SPILLS = {
+        ("forward", 8): {2: set(), 6: {(256, 64, 32, 4)}},
+        ("grad_input", 8): {2: {(256, 64, 32, 4)},
+                            6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4),
+                                (256, 64, 32, 4)}},
     }
 
-    def _dx_spills(c, m, major, flags):
-        """Whether dx config ``c`` spills registers for m experts on compute capability major."""
+    def _one_pass_spills(c, m, major, flags):
+        """Whether one-pass config ``c`` spills for m experts on compute capability major, in
+        the kernel flags[0] names."""
         tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-        return major == 8 and tile in _DX_SPILLS_SM8X[2 if m <= 2 else 6]
+        return tile in _ONE_PASS_SPILLS.get((flags[0], major), {}).get(2 if m <= 2 else 6, ())
 
     # Weight-gradient configs (BLOCK_N, BLOCK_K, BLOCK_T, num_warps) whose WANT_W variant (the
     # combine strategy's, which also writes W_a) spills registers on sm_80 and sm_90: its
     # epilogue holds the G tile, W_a's accumulator and an expert tile at once. Same source as
-    # _DX_SPILLS_SM8X; _Tuned leaves them out for that variant.
+    # _ONE_PASS_SPILLS; _Tuned leaves them out for that variant.
     _WGRAD_W_SPILLS = {
         2: {(64, 128, 64, 4)},
         6: {(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)},
@@ -932,7 +938,7 @@ def _weight_side_grads(d, strategy, tokens, experts, beta, bias, needs, dy=None,
 
 
 if triton is not None:
-    _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared)
-    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared, _dx_spills)
+    _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared, _one_pass_spills)
+    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared, _one_pass_spills)
     _WEIGHT_GRAD = _Tuned(_weight_grad_kernel, _WGRAD_CONFIGS, _wgrad_shared, _wgrad_spills)
     _COMBINE = _Tuned(_combine_kernel, _COMBINE_CONFIGS)
