@@ -100,7 +100,7 @@ def _round_once(v, dtype):
 def test_half_mixing_rounds_every_step(dtype, m):
     """For half inputs the one-pass kernels mix in the input dtype (packed multiply-adds on a
     GPU): beta_0 E_0 rounded, then each further expert one fused multiply-add rounded to
-    nearest. That is the contract (docs/design.md, section 3), checked on the mixed tile itself
+    nearest. That is the contract (docs/design.md, section 5), checked on the mixed tile itself
     against a float64 model of it. Under the interpreter bf16 runs as fp32 rounded to bf16 by
     hand, which may round twice: 1-ulp differences are allowed in a few elements; the model
     that rounds once (fp32 mixing) differs in many."""
