@@ -75,12 +75,16 @@ if triton_backend.triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _mix_kernel(E, Beta, W, N: tl.constexpr, M: tl.constexpr, DOT: tl.constexpr):
-        """W = the one-pass kernels' mixed tile of an (N, N) slice, as they feed it to the dot."""
+    def _mix_kernel(E, Beta, W, N: tl.constexpr, M: tl.constexpr, DOT: tl.constexpr,
+                    BETA_WORDS: tl.constexpr):
+        """W = the one-pass kernels' mixed tile of an (N, N) slice, as they feed it to the dot
+        (BETA_WORDS: Beta is beta's int32 view, as dx reads it on sm_90)."""
         r = tl.arange(0, N)
         offsets = r[:, None] * N + r[None, :]
         ok = r[:, None] < N
-        w = triton_backend._mix_tile(E, offsets, ok, N * N, Beta, r[:, None] * M, ok, 1, M, DOT)
+        row = M // 2 if BETA_WORDS else M
+        w = triton_backend._mix_tile(E, offsets, ok, N * N, Beta, r[:, None] * row, ok, 1, M,
+                                     DOT, BETA_WORDS)
         tl.store(W + offsets, w.to(W.dtype.element_ty))
 
 
@@ -96,14 +100,16 @@ def _round_once(v, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("m", [1, 2, 3, 6])
-def test_half_mixing_rounds_every_step(dtype, m):
+@pytest.mark.parametrize("m, words", [(1, False), (2, False), (2, True), (3, False), (6, False),
+                                      (6, True)])
+def test_half_mixing_rounds_every_step(dtype, m, words):
     """For half inputs the one-pass kernels mix in the input dtype (packed multiply-adds on a
     GPU): beta_0 E_0 rounded, then each further expert one fused multiply-add rounded to
     nearest. That is the contract (docs/design.md, section 5), checked on the mixed tile itself
     against a float64 model of it. Under the interpreter bf16 runs as fp32 rounded to bf16 by
     hand, which may round twice: 1-ulp differences are allowed in a few elements; the model
-    that rounds once (fp32 mixing) differs in many."""
+    that rounds once (fp32 mixing) differs in many. words: beta read as int32 words of two
+    experts, as dx reads it on sm_90."""
     g = torch.Generator().manual_seed(m)
     n = 64
     experts = torch.randn(m, n, n, generator=g).to(dtype)
@@ -113,14 +119,34 @@ def test_half_mixing_rounds_every_step(dtype, m):
         model = _round_once(beta[:, i:i + 1].double() * experts[i].double() + model.double(),
                             dtype)
     mixed = torch.empty(n, n, dtype=dtype, device=DEVICE)
-    _mix_kernel[(1,)](experts.to(DEVICE), beta.to(DEVICE), mixed, n, m,
-                      triton_backend._types(dtype)[1])
+    beta_arg = beta.to(DEVICE).view(torch.int32) if words else beta.to(DEVICE)
+    _mix_kernel[(1,)](experts.to(DEVICE), beta_arg, mixed, n, m,
+                      triton_backend._types(dtype)[1], words)
     mixed = mixed.cpu()
     ulp = torch.finfo(dtype).eps * model.double().abs().clamp_min(torch.finfo(dtype).tiny)
     assert ((mixed.double() - model.double()).abs() <= ulp).all()
     assert (mixed != model).double().mean() <= 1e-3
     rounded_once = _round_once((beta.double().t()[:, :, None] * experts.double()).sum(0), dtype)
     assert m == 1 or (rounded_once != model).double().mean() > 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dx_reads_beta_as_words_where_it_can(dtype, monkeypatch):
+    """In the SWAP form dx reads a contiguous half beta with an even m as int32 words (two
+    experts each, _Dims.beta_words), otherwise as it is; both give the same bits."""
+    flags = []
+    launch = triton_backend._GRAD_INPUT.launch
+    monkeypatch.setattr(triton_backend._GRAD_INPUT, "launch",
+                        lambda d, f, *a: flags.append(f) or launch(d, f, *a))
+    x, experts, beta = (t.detach() for t in make_inputs(
+        37, 45, 33, 50, 40, 4, False, "none", dtype))
+    dy = torch.randn(37, 33, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    needs = [True, False, False, False]
+    words = triton_backend.backward(dy, x, experts, beta, None, needs, "one_pass")[0]
+    beta_t = beta.t().contiguous().t()  # same values, rows not contiguous
+    plain = triton_backend.backward(dy, x, experts, beta_t, None, needs, "one_pass")[0]
+    assert [f[2] for f in flags] == [triton_backend._swapped(beta.device), False]
+    assert torch.equal(words, plain)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])

@@ -98,14 +98,16 @@ def kernel_cases(dtype, m, all_configs, precisions):
         one_pass = dict(common, WIDE=False, SWAP=None)
         out.append((f"forward[{precision}]", tb._forward_kernel, one_pass,
                     first(tb._GEMM_CONFIGS), tb._gemm_shared))
-        out.append((f"grad_input[{precision}]", tb._grad_input_kernel, one_pass,
-                    first(tb._GEMM_CONFIGS), tb._grad_input_shared))
+        out.append((f"grad_input[{precision}]", tb._grad_input_kernel,
+                    dict(one_pass, BETA_WORDS=None), first(tb._GEMM_CONFIGS),
+                    tb._grad_input_shared))
         if not all_configs:  # 64-bit offsets, for tensors of 2^31 elements or more
             wide = dict(one_pass, WIDE=True)
             out.append((f"forward_wide[{precision}]", tb._forward_kernel, wide,
                         tb._GEMM_CONFIGS[:1], tb._gemm_shared))
-            out.append((f"grad_input_wide[{precision}]", tb._grad_input_kernel, wide,
-                        tb._GEMM_CONFIGS[:1], tb._grad_input_shared))
+            out.append((f"grad_input_wide[{precision}]", tb._grad_input_kernel,
+                        dict(wide, BETA_WORDS=None), tb._GEMM_CONFIGS[:1],
+                        tb._grad_input_shared))
         for from_g, want_w in ((False, False), (True, False), (True, True)):
             out.append((f"weight_grad[{precision},from_g={from_g},want_w={want_w}]",
                         tb._weight_grad_kernel, dict(common, FROM_G=from_g, WANT_W=want_w),
@@ -123,6 +125,8 @@ def signature(fn, constants, dtype):
     for arg in fn.arg_names:
         if arg in constants:
             sig[arg] = "constexpr"
+        elif arg == "Beta" and constants.get("BETA_WORDS"):
+            sig[arg] = "*i32"  # beta's rows as int32 words of two experts (triton_backend._Dims)
         elif arg in INPUT_POINTERS or fn is plain_matmul and arg in "ABC":
             sig[arg] = "*" + TRITON_TYPES[dtype]
         elif arg in ACC_POINTERS:
@@ -215,6 +219,9 @@ def compile_one(fn, constants, config, dtype, arch, units=None):
     constants = dict(constants, **config.kwargs)
     if "SWAP" in constants and constants["SWAP"] is None:
         constants["SWAP"] = arch >= 90
+    if "BETA_WORDS" in constants and constants["BETA_WORDS"] is None:  # as _Dims.beta_words
+        constants["BETA_WORDS"] = constants["SWAP"] and dtype.itemsize == 2 and \
+            constants["M"] % 2 == 0
     constants.update({s: 1 for s in (UNIT_STRIDES if units is None else units)
                       if s in fn.arg_names})
     sig = signature(fn, constants, dtype)

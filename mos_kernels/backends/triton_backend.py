@@ -48,7 +48,7 @@ STRATEGIES = ("auto", "one_pass", "combine")
 # not listed (and the interpreter) take sm_90's.
 COMBINE_MIN_TOKENS = {
     8: (None, None, None, None, None, 65536),
-    9: (None, None, None, None, None, 98304),
+    9: (None, None, None, None, None, 262144),
 }
 
 try:
@@ -186,8 +186,19 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _load_beta(B, offsets, mask, I: tl.constexpr, WORDS: tl.constexpr, DTYPE: tl.constexpr):
+        """Expert I's beta over a tile: B points at its column (WORDS: at the int32 word that
+        holds experts I - I % 2 and I - I % 2 + 1, low half first)."""
+        if WORDS:
+            word = tl.load(B + offsets, mask=mask, other=0)
+            b = ((word >> (16 * (I % 2))) & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+        else:
+            b = tl.load(B + offsets, mask=mask, other=0.0)
+        return b
+
+    @triton.jit
     def _mix_tile(E0, e_offsets, e_mask, stride_e0, B0, beta_offsets, beta_mask, stride_bi,
-                  M: tl.constexpr, DOT: tl.constexpr):
+                  M: tl.constexpr, DOT: tl.constexpr, BETA_WORDS: tl.constexpr):
         """sum_i beta[., i] * E[i, ., .] over one tile, as DOT (the dot's operand type), each
         step rounded to the input dtype. For half inputs on a GPU that makes the mixing packed
         bf16x2/fp16x2 multiply-adds, two elements per instruction and no conversions (fp32
@@ -195,15 +206,17 @@ if triton is not None:
         tensor cores); it rounds as the naive form computed in that dtype does. E0 and B0 are
         scalar pointers (expert 0, beta column 0) to which the tile's offsets are added: the
         offsets are shared by all experts, so stepping to the next expert is one scalar pointer
-        add."""
+        add. BETA_WORDS: beta read as int32 words of two experts' values (B0, beta_offsets and
+        stride_bi in words), 4-byte loads that cp.async can pipeline."""
         e = tl.load(E0 + e_offsets, mask=e_mask, other=0.0)
-        b = tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0)
+        b = _load_beta(B0, beta_offsets, beta_mask, 0, BETA_WORDS, e.dtype)
         w = _rounded(b.to(DOT) * e.to(DOT), e.dtype)
-        for _ in tl.static_range(1, M):
+        for i in tl.static_range(1, M):
             E0 += stride_e0
-            B0 += stride_bi
+            if (not BETA_WORDS) or (i % 2 == 0):
+                B0 += stride_bi
             e = tl.load(E0 + e_offsets, mask=e_mask, other=0.0)
-            b = tl.load(B0 + beta_offsets, mask=beta_mask, other=0.0)
+            b = _load_beta(B0, beta_offsets, beta_mask, i, BETA_WORDS, e.dtype)
             # an explicit fma: from a sum of products the compiler makes unpacked scalar adds
             # for m > 2
             w = _rounded(tl.fma(b.to(DOT), e.to(DOT), w), e.dtype)
@@ -256,12 +269,12 @@ if triton is not None:
             if SWAP:
                 x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[:, None], other=0.0)
                 w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[None, :], stride_e0, Beta,
-                              beta_offsets, beta_ok, stride_bi, M, DOT)
+                              beta_offsets, beta_ok, stride_bi, M, DOT, False)
                 acc = tl.dot(w, x.to(DOT), acc, input_precision=PRECISION)
             else:
                 x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[None, :], other=0.0)
                 w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[:, None], stride_e0, Beta,
-                              beta_offsets, beta_ok, stride_bi, M, DOT)
+                              beta_offsets, beta_ok, stride_bi, M, DOT, False)
                 acc = tl.dot(x.to(DOT), w, acc, input_precision=PRECISION)
         bias = tl.zeros((BLOCK_N,), dtype=ACC)
         if bias_kind == 1:
@@ -287,7 +300,7 @@ if triton is not None:
                            M: tl.constexpr, ACC: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                           WIDE: tl.constexpr, SWAP: tl.constexpr):
+                           WIDE: tl.constexpr, SWAP: tl.constexpr, BETA_WORDS: tl.constexpr):
         """dx[t, k] = sum_o dy[t, o] W_a[o, k] for a (BLOCK_T, BLOCK_N) tile of dx (SWAP: its
         transpose, stored transposed); the loop runs over the output features o, BLOCK_K at a
         time. The tile sizes keep the forward's roles (BLOCK_N: the weight tile's rows in the
@@ -319,13 +332,13 @@ if triton is not None:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[:, None], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, k_ok[:, None] & o_ok[None, :],
                               stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[None, :],
-                              stride_bi, M, DOT)
+                              stride_bi, M, DOT, BETA_WORDS)
                 acc = tl.dot(w, dy.to(DOT), acc, input_precision=PRECISION)
             else:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[None, :], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, o_ok[:, None] & k_ok[None, :],
                               stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[:, None],
-                              stride_bi, M, DOT)
+                              stride_bi, M, DOT, BETA_WORDS)
                 acc = tl.dot(dy.to(DOT), w, acc, input_precision=PRECISION)
         rows = _index(rows, WIDE)
         if SWAP:
@@ -731,6 +744,12 @@ class _Dims:
         self.wide_experts = _wide(experts[0])
         swap = _swapped(experts.device)
         self.one_pass = {wide: dict(self.gemm, WIDE=wide, SWAP=swap) for wide in (False, True)}
+        # dx in the SWAP form reads beta's slice for each step along the dot's reduction: as
+        # int32 words of two experts (half inputs, even m, rows of m contiguous values) those
+        # are 4-byte loads that cp.async pipelines; 2-byte ones are synchronous loads in the loop
+        self.beta_words = swap and self.element_size == 2 and self.m % 2 == 0
+        self.grad_input = {(wide, words): dict(self.one_pass[wide], BETA_WORDS=words)
+                           for wide in (False, True) for words in (False, True)}
         self.options = {}
 
     def strategy(self, tokens):
@@ -811,11 +830,15 @@ def _grad_input(dy, x, experts, beta, d, strategy):
     if tokens == 0:
         return dx
     wide = d.wide_experts or _wide(dy) or _wide(dx)
+    words = d.beta_words and beta.stride() == (d.m, 1) and beta.storage_offset() % 2 == 0
+    # triton.reinterpret: a third of Tensor.view's host time
+    beta_arg, beta_strides = (triton.reinterpret(beta, tl.int32), (d.m // 2, 1)) if words \
+        else (beta, beta.stride())
     _GRAD_INPUT.launch(
-        d, ("grad_input", wide), tokens,
+        d, ("grad_input", wide, words), tokens,
         lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_in, o["BLOCK_N"]),),
-        (dy, experts, beta, dx, tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
-         *beta.stride(), dx.stride(0)), d.one_pass[wide])
+        (dy, experts, beta_arg, dx, tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
+         *beta_strides, dx.stride(0)), d.grad_input[wide, words])
     return dx
 
 
