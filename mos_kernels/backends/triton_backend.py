@@ -180,6 +180,7 @@ if triton is not None:
         if w.dtype == DTYPE:
             out = w
         else:
+            tl.static_assert((w.dtype == tl.float32) & (DTYPE == tl.bfloat16))
             bits = w.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             out = bits.to(tl.float32, bitcast=True)
