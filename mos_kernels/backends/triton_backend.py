@@ -27,9 +27,9 @@ the interpreter use one fixed configuration.
 Precision: fp16 and bf16 inputs accumulate in fp32. "combine" mixes W_a in fp32 and rounds it
 once to the input dtype; "one_pass" mixes in the input dtype (packed half2 multiply-adds, each
 step rounded to nearest: _mix_tile), which is what makes its mixing cheap enough to hide behind
-the tensor cores. fp64 inputs use fp64 throughout. fp32 inputs
-follow torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot products, as
-cuBLAS does), so both strategies round alike; with TF32 allowed both use TF32 tensor cores.
+the tensor cores. fp64 inputs use fp64 throughout. fp32 inputs follow
+torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot products, as cuBLAS
+does), so both strategies round alike; with TF32 allowed both use TF32 tensor cores.
 """
 import contextlib
 import os
