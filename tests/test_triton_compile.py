@@ -108,7 +108,7 @@ def gemm_rows(compiled):
 
 def launched(row):
     """Whether the backend launches this compile's config: it leaves out the one-pass configs
-    that spill on sm_80 (triton_backend._one_pass_spills) and the weight-gradient configs whose
+    that spill on sm_80 (triton_backend.one_pass_spills) and the weight-gradient configs whose
     W_a-writing variant spills (_wgrad_spills)."""
     from mos_kernels.backends import triton_backend as tb
     c = dict(row["config"])
@@ -116,7 +116,8 @@ def launched(row):
     config = triton.Config(tiles, **c)
     kernel = row["kernel"].split("[")[0]
     if kernel in ("forward", "grad_input"):
-        return not tb._one_pass_spills(config, row["m"], row["arch"] // 10, (kernel, False))
+        tile = (tiles["BLOCK_T"], tiles["BLOCK_N"], tiles["BLOCK_K"], config.num_warps)
+        return not tb.one_pass_spills(kernel, row["arch"] // 10, row["m"], tile)
     if kernel == "weight_grad":
         want_w = "want_w=True" in row["kernel"]
         return not tb._wgrad_spills(config, row["m"], row["arch"] // 10,

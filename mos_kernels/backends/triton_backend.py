@@ -47,9 +47,29 @@ STRATEGIES = ("auto", "one_pass", "combine")
 # with tokens x n_out x n_in). More experts than listed take the last entry; GPU generations
 # not listed (and the interpreter) take sm_90's.
 COMBINE_MIN_TOKENS = {
-    8: (None, None, None, None, None, 65536),
+    8: (None, None, None, None, 24576, 12288),
     9: (None, None, None, None, None, 262144),
 }
+
+# One-pass configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers, per
+# kernel and compute capability major, for m <= 2 and for more experts: from
+# tests/triton_compile.py (Triton 3.9, bf16 and fp16, m = 2 and 6; docs/results.md, "Triton
+# one-pass kernels"). The backend leaves them out there, and benchmarks/roofline.py does not
+# charge them. All are sm_80 to sm_89's: the unswapped form mixes each weight element in every
+# warp that shares it, and a 256-token tile of 4 warps holds 128 accumulators per thread in
+# mma.sync's layout.
+ONE_PASS_SPILLS = {
+    ("forward", 8): {2: set(), 6: {(256, 64, 32, 4)}},
+    ("grad_input", 8): {2: {(256, 64, 32, 4)},
+                        6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4),
+                            (256, 64, 32, 4)}},
+}
+
+
+def one_pass_spills(kernel, major, m, tile):
+    """Whether the one-pass ``kernel`` ("forward", "grad_input") spills at ``tile`` (BLOCK_T,
+    BLOCK_N, BLOCK_K, num_warps) for m experts on compute capability ``major``."""
+    return tile in ONE_PASS_SPILLS.get((kernel, major), {}).get(2 if m <= 2 else 6, ())
 
 try:
     import triton
@@ -520,33 +540,19 @@ if triton is not None:
         _config(8, 1, BLOCK_N=64, BLOCK_K=128),
     ]
     _MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in _WGRAD_CONFIGS)
-    # One-pass configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers, per
-    # kernel and compute capability major, for m <= 2 and for more experts: from
-    # tests/triton_compile.py (Triton 3.9, bf16 and fp16, m = 2 and 6; docs/results.md, "Triton
-    # one-pass kernels"). _Tuned leaves them out there. All are sm_80 to sm_89's: the unswapped
-    # form mixes each weight element in every warp that shares it, and a 256-token tile of 4
-    # warps holds 128 accumulators per thread in mma.sync's layout.
-    _ONE_PASS_SPILLS = {
-        ("forward", 8): {2: set(), 6: {(256, 64, 32, 4)}},
-        ("grad_input", 8): {2: {(256, 64, 32, 4)},
-                            6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4),
-                                (256, 64, 32, 4)}},
-    }
-
-    def _one_pass_spills(c, m, major, flags):
-        """Whether one-pass config ``c`` spills for m experts on compute capability major, in
-        the kernel flags[0] names."""
-        tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-        return tile in _ONE_PASS_SPILLS.get((flags[0], major), {}).get(2 if m <= 2 else 6, ())
-
     # Weight-gradient configs (BLOCK_N, BLOCK_K, BLOCK_T, num_warps) whose WANT_W variant (the
     # combine strategy's, which also writes W_a) spills registers on sm_80 and sm_90: its
     # epilogue holds the G tile, W_a's accumulator and an expert tile at once. Same source as
-    # _ONE_PASS_SPILLS; _Tuned leaves them out for that variant.
+    # ONE_PASS_SPILLS; _Tuned leaves them out for that variant.
     _WGRAD_W_SPILLS = {
         2: {(64, 128, 64, 4)},
         6: {(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)},
     }
+
+    def _one_pass_spills(c, m, major, flags):
+        """one_pass_spills for a launch: the kernel is flags[0]."""
+        tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+        return one_pass_spills(flags[0], major, m, tile)
 
     def _wgrad_spills(c, m, major, flags):
         """Whether weight-gradient config ``c`` spills for m experts in the variant ``flags``
