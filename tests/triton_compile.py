@@ -136,15 +136,20 @@ def signature(fn, constants, dtype):
     return sig
 
 
-def resource_usage(cubin):
-    """(registers, stack bytes) per thread of the cubin's one function, from cuobjdump."""
+def _cuobjdump(cubin, flag):
+    """The bundled cuobjdump's output for ``cubin`` with ``flag``."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin):
+    """(registers, stack bytes) per thread of the cubin's one function, from cuobjdump."""
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     fields = dict(item.split(":") for item in text.split() if item.count(":") == 1
                   and item.split(":")[1].isdigit())
     return int(fields["REG"]), int(fields["STACK"])
@@ -152,13 +157,7 @@ def resource_usage(cubin):
 
 def sass(cubin):
     """The cubin's SASS text, from the bundled cuobjdump."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+    return _cuobjdump(cubin, "-sass")
 
 
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -277,9 +276,9 @@ def compile_rows(dtype_name, m, targets, all_configs, precisions, plain_cache, k
                             {}, num_warps=config.num_warps, num_stages=config.num_stages),
                             dtype, arch, units)
                         cubin = yardstick.asm["cubin"]
+                        plain_registers, plain_stack = resource_usage(cubin)
                         plain_cache[key] = dict(loop_stats(sass(cubin)) or {},
-                                                registers=resource_usage(cubin)[0],
-                                                stack=resource_usage(cubin)[1])
+                                                registers=plain_registers, stack=plain_stack)
                     row["plain"] = plain_cache[key]
                 yield row
 
