@@ -1,12 +1,16 @@
 """How much precision the Triton one-pass kernels' half-precision mixing costs.
 
-They mix half inputs in the input dtype (beta_0 E_0, then one fused multiply-add per further
-expert, each rounded to nearest: docs/design.md, section 5); combine and the CUDA kernels mix in
-fp32 and round once. Two tables:
+They mix half inputs in the input dtype, each step rounded to nearest (docs/design.md,
+section 5): dx as beta_0 E_0 then one fused multiply-add per further expert; the forward, for
+m <= RELATIVE_MAX_EXPERTS, relative to each row's pivot expert p (largest |beta|): E_p plus one
+fused multiply-add of beta_i / beta_p per further expert, the output scaled by beta_p in fp32.
+combine and the CUDA kernels mix in fp32 and round once. Two tables:
 
-  weight  rms error of the mixed weight against float64, per-step rounding against rounding
-          once (N(0, 1) experts of 512 x 512, softmax beta); the per-step model is the one
-          tests/test_triton.py::test_half_mixing_rounds_every_step holds the kernels to
+  weight  rms error of the mixed weight against float64: rounding once, every step (dx), every
+          step relative to the pivot (the forward; the weight it applies, beta_p times the
+          rounded tile), and the last two against the first (N(0, 1) experts of 512 x 512,
+          softmax beta); the per-step models are those tests/test_triton.py holds the kernels
+          to (test_half_mixing_rounds_every_step, test_relative_mixing_rounds_every_step)
   op      the op's forward through the Triton backend (on CPU: under TRITON_INTERPRET=1), max
           error over the output relative to its largest value, one_pass against combine
 
@@ -32,8 +36,26 @@ def rms(w, exact):
     return ((w.double() - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
 
 
+def relative(experts, beta, dtype):
+    """beta_p times the forward's relative mixed tile (float64 experts and beta that hold
+    dtype values)."""
+    n = beta.shape[0]
+    b = beta.float()
+    pivot = b.abs().argmax(-1)
+    scale = b.gather(1, pivot[:, None])
+    inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
+    tile = experts[pivot, torch.arange(n)]
+    others = torch.arange(len(experts)).expand(n, -1)
+    others = others[others != pivot[:, None]].view(n, -1)
+    for other in others.t():
+        ratio = (b.gather(1, other[:, None]) * inverse).to(dtype).double()
+        tile = (ratio * experts[other, torch.arange(n)] + tile).to(dtype).double()
+    return scale.double() * tile
+
+
 def weight_table():
-    print("| dtype | m | rounded once | every step | ratio |\n|---|---|---|---|---|")
+    print("| dtype | m | rounded once | every step | relative | every step / once | "
+          "relative / once |\n|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         for m in (2, 3, 4, 6, 8):
@@ -44,8 +66,9 @@ def weight_table():
             for i in range(1, m):
                 step = (beta[:, i:i + 1] * experts[i] + step.double()).to(dtype)
             once, per_step = rms(exact.to(dtype), exact), rms(step, exact)
-            print(f"| {str(dtype)[6:]} | {m} | {once:.2e} | {per_step:.2e} | "
-                  f"{per_step / once:.2f} |")
+            rel = rms(relative(experts, beta, dtype), exact)
+            print(f"| {str(dtype)[6:]} | {m} | {once:.2e} | {per_step:.2e} | {rel:.2e} | "
+                  f"{per_step / once:.2f} | {rel / once:.2f} |")
 
 
 def op_table():

@@ -87,6 +87,19 @@ if triton_backend.triton is not None:
                                      DOT, BETA_WORDS)
         tl.store(W + offsets, w.to(W.dtype.element_ty))
 
+    @triton.jit
+    def _mix_relative_kernel(E, Beta, W, Scale, N: tl.constexpr, M: tl.constexpr,
+                             DOT: tl.constexpr):
+        """W = the one-pass forward's relative mixed tile of an (N, N) slice, as it feeds it to
+        the dot, and Scale = the pivot's beta per row, which it multiplies into the output."""
+        r = tl.arange(0, N)
+        offsets = r[:, None] * N + r[None, :]
+        pivot, scale = triton_backend._pivot(Beta + r * M, 1, r < N, M, tl.float32)
+        w = triton_backend._mix_relative(E, offsets, r[:, None] < N, N * N, Beta + r * M, 1,
+                                         pivot, scale, M, DOT, False, True)
+        tl.store(W + offsets, w.to(W.dtype.element_ty))
+        tl.store(Scale + r, scale)
+
 
 def _round_once(v, dtype):
     """float64 v rounded to nearest (even) half dtype with one rounding: through fp32 rounded
@@ -128,6 +141,68 @@ def test_half_mixing_rounds_every_step(dtype, m, words):
     assert (mixed != model).double().mean() <= 1e-3
     rounded_once = _round_once((beta.double().t()[:, :, None] * experts.double()).sum(0), dtype)
     assert m == 1 or (rounded_once != model).double().mean() > 0.05
+
+
+def _edge_betas(n, m, dtype, g):
+    """Rows of beta, softmax ones and every few rows one the pivot choice must get right: all
+    zero, negative, tied, and one expert that takes almost everything (the others' ratio to it
+    is tiny, theirs to it would overflow fp16)."""
+    beta = torch.randn(n, m, generator=g).softmax(-1)
+    edges = [torch.zeros(m), -torch.arange(1.0, m + 1) / m, torch.full((m,), 1.0 / m),
+             torch.tensor([1e-6] * (m - 1) + [1.0 - 1e-6 * (m - 1)]), -beta[0]]
+    for i, row in enumerate(edges):
+        beta[3 * i + 1] = row
+    return beta.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_relative_mixing_rounds_every_step(dtype, m):
+    """The forward's mixing for m <= RELATIVE_MAX_EXPERTS: per weight row the pivot p is the
+    expert of largest |beta|; the tile is E_p plus, for every other expert in order, one fused
+    multiply-add of its ratio beta_i / beta_p (rounded to the input dtype from fp32's
+    beta_i * (1 / beta_p)), each rounded to nearest; the dot's output is then scaled by beta_p.
+    Checked on the tile against a float64 model, as test_half_mixing_rounds_every_step."""
+    g = torch.Generator().manual_seed(10 + m)
+    n = 64
+    experts = torch.randn(m, n, n, generator=g).to(dtype)
+    beta = _edge_betas(n, m, dtype, g)
+    b = beta.float()
+    pivot = b.abs().argmax(-1)  # the first of equals
+    scale = b.gather(1, pivot[:, None])
+    inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
+    model = experts[pivot, torch.arange(n)].double()
+    others = torch.arange(m).expand(n, m)[torch.arange(m) != pivot[:, None]].view(n, m - 1)
+    for other in others.t():
+        ratio = (b.gather(1, other[:, None]) * inverse).to(dtype).double()
+        model = _round_once(ratio * experts[other, torch.arange(n)].double() + model, dtype)
+    mixed = torch.empty(n, n, dtype=dtype, device=DEVICE)
+    scales = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    _mix_relative_kernel[(1,)](experts.to(DEVICE), beta.to(DEVICE), mixed, scales, n, m,
+                               triton_backend._types(dtype)[1])
+    mixed = mixed.cpu()
+    assert torch.equal(scales.cpu(), scale[:, 0])
+    ulp = torch.finfo(dtype).eps * model.double().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((mixed.double() - model.double()).abs() <= ulp).all()
+    assert (mixed != model.to(dtype)).double().mean() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES + HALF, ids=str)
+def test_forward_with_edge_betas(strategy, dtype):
+    """Beta rows that are zero, negative, tied or dominated by one expert (_edge_betas), through
+    the op against the float64 reference: at m the forward mixes relative to a pivot expert,
+    and at one m beyond (mixed as dx mixes)."""
+    g = torch.Generator().manual_seed(4)
+    for m in (1, 3, triton_backend.RELATIVE_MAX_EXPERTS + 1):
+        x, experts, _, bias = make_inputs(37, 45, 33, 50, 40, m, False, "expert", dtype)
+        beta = _edge_betas(33, m, dtype, g).to(DEVICE).requires_grad_(True)
+        tensors = [x, experts, beta, bias]
+        y, grads, dy = run(triton_op(strategy), tensors, 33)
+        y_ref, grads_ref = reference64(tensors, 33, dy)
+        assert_close(y, y_ref, dtype, f"output, m = {m}")
+        assert not y[:, 1].any()  # beta's row 1 is zero, and so are its outputs
+        for name, grad, ref in zip(["dx", "dexperts", "dbeta", "dbias"], grads, grads_ref):
+            assert_close(grad, ref, dtype, f"{name}, m = {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -96,14 +96,15 @@ def kernel_cases(dtype, m, all_configs, precisions):
         common = dict(M=m, ACC=acc, DOT=dot, PRECISION=precision)
         # 32-bit offsets, as every launch that fits int32; SWAP as the backend sets it per sm
         one_pass = dict(common, WIDE=False, SWAP=None)
-        out.append((f"forward[{precision}]", tb._forward_kernel, one_pass,
+        out.append((f"forward[{precision}]", tb._forward_kernel, dict(one_pass, RELATIVE=None),
                     first(tb._GEMM_CONFIGS), tb._gemm_shared))
         out.append((f"grad_input[{precision}]", tb._grad_input_kernel,
                     dict(one_pass, BETA_WORDS=None), first(tb._GEMM_CONFIGS),
                     tb._grad_input_shared))
         if not all_configs:  # 64-bit offsets, for tensors of 2^31 elements or more
             wide = dict(one_pass, WIDE=True)
-            out.append((f"forward_wide[{precision}]", tb._forward_kernel, wide,
+            out.append((f"forward_wide[{precision}]", tb._forward_kernel,
+                        dict(wide, RELATIVE=None),
                         tb._GEMM_CONFIGS[:1], tb._gemm_shared))
             out.append((f"grad_input_wide[{precision}]", tb._grad_input_kernel,
                         dict(wide, BETA_WORDS=None), tb._GEMM_CONFIGS[:1],
@@ -218,6 +219,8 @@ def compile_one(fn, constants, config, dtype, arch, units=None):
     constants = dict(constants, **config.kwargs)
     if "SWAP" in constants and constants["SWAP"] is None:
         constants["SWAP"] = arch >= 90
+    if "RELATIVE" in constants and constants["RELATIVE"] is None:  # as _Dims.forward
+        constants["RELATIVE"] = constants["M"] <= tb.RELATIVE_MAX_EXPERTS
     if "BETA_WORDS" in constants and constants["BETA_WORDS"] is None:  # as _Dims.beta_words
         constants["BETA_WORDS"] = constants["SWAP"] and dtype.itemsize == 2 and \
             constants["M"] % 2 == 0

@@ -26,10 +26,12 @@ the interpreter use one fixed configuration.
 
 Precision: fp16 and bf16 inputs accumulate in fp32. "combine" mixes W_a in fp32 and rounds it
 once to the input dtype; "one_pass" mixes in the input dtype (packed half2 multiply-adds, each
-step rounded to nearest: _mix_tile), which is what makes its mixing cheap enough to hide behind
-the tensor cores. fp64 inputs use fp64 throughout. fp32 inputs follow
-torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot products, as cuBLAS
-does), so both strategies round alike; with TF32 allowed both use TF32 tensor cores.
+step rounded to nearest: _mix_tile; the forward for m <= RELATIVE_MAX_EXPERTS relative to each
+row's expert of largest |beta|, its output scaled by that beta: _mix_relative), which is what
+makes its mixing cheap enough to hide behind the tensor cores. fp64 inputs use fp64 throughout.
+fp32 inputs follow torch.backends.cuda.matmul.allow_tf32 (False by default: exact fp32 dot
+products, as cuBLAS does), so both strategies round alike; with TF32 allowed both use TF32
+tensor cores.
 """
 import contextlib
 import os
@@ -52,24 +54,35 @@ COMBINE_MIN_TOKENS = {
 }
 
 # One-pass configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers, per
-# kernel and compute capability major, for m <= 2 and for more experts: from
-# tests/triton_compile.py (Triton 3.9, bf16 and fp16, m = 2 and 6; docs/results.md, "Triton
-# one-pass kernels"). The backend leaves them out there, and benchmarks/roofline.py does not
-# charge them. All are sm_80 to sm_89's: the unswapped form mixes each weight element in every
-# warp that shares it, and a 256-token tile of 4 warps holds 128 accumulators per thread in
-# mma.sync's layout.
+# kernel, compute capability major and number of experts: each list holds for the m above the
+# previous list's up to its own (m <= 2; 3 and 4; 5 and 6; 7 and more). From
+# tests/triton_compile.py (Triton 3.9; bf16 and fp16 at m = 2, 4 and 6 in the compile tests,
+# bf16 at m = 3, 5 and 8 once: docs/results.md, "Triton one-pass kernels"). The backend leaves
+# them out there, and benchmarks/roofline.py does not charge them. Most are sm_80 to sm_89's:
+# the unswapped form mixes each weight element in every warp that shares it, and a 256-token
+# tile of 4 warps holds 128 accumulators per thread in mma.sync's layout.
+_DX_SPILLS_SM80 = {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4), (256, 64, 32, 4)}
 ONE_PASS_SPILLS = {
-    ("forward", 8): {2: set(), 6: {(256, 64, 32, 4)}},
-    ("grad_input", 8): {2: {(256, 64, 32, 4)},
-                        6: {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4),
-                            (256, 64, 32, 4)}},
+    ("forward", 8): {2: set(), 8: {(256, 64, 32, 4)}},
+    ("grad_input", 8): {2: {(256, 64, 32, 4)}, 6: _DX_SPILLS_SM80,
+                        8: _DX_SPILLS_SM80 | {(128, 128, 32, 8), (128, 64, 32, 4)}},
+    ("grad_input", 9): {2: set(), 4: {(32, 32, 32, 4)}, 8: set()},
 }
+
+
+# The one-pass forward mixes relative to each weight row's pivot expert (RELATIVE in
+# _forward_kernel) for up to this many experts. The per-row choice of expert gives each
+# expert's tile its own addresses, held in registers through the loop; with more experts they
+# spill on sm_80 (docs/results.md, "Triton one-pass kernels").
+RELATIVE_MAX_EXPERTS = 4
 
 
 def one_pass_spills(kernel, major, m, tile):
     """Whether the one-pass ``kernel`` ("forward", "grad_input") spills at ``tile`` (BLOCK_T,
     BLOCK_N, BLOCK_K, num_warps) for m experts on compute capability ``major``."""
-    return tile in ONE_PASS_SPILLS.get((kernel, major), {}).get(2 if m <= 2 else 6, ())
+    lists = sorted(ONE_PASS_SPILLS.get((kernel, major), {}).items())
+    spilling = next((s for experts, s in lists if m <= experts), lists[-1][1] if lists else ())
+    return tile in spilling
 
 try:
     import triton
@@ -243,6 +256,52 @@ if triton is not None:
             w = _rounded(tl.fma(b.to(DOT), e.to(DOT), w), e.dtype)
         return w
 
+    @triton.jit
+    def _column(v, COLUMN: tl.constexpr):
+        """A vector as a (n, 1) column of a tile (COLUMN) or as a (1, n) row."""
+        if COLUMN:
+            out = v[:, None]
+        else:
+            out = v[None, :]
+        return out
+
+    @triton.jit
+    def _pivot(B, stride_bi, mask, M: tl.constexpr, ACC: tl.constexpr):
+        """Per row of beta (B: a pointer per row, at its first expert): the index of the expert
+        of largest |beta| (the first of equals), and that beta in ACC."""
+        scale = tl.load(B, mask=mask, other=0.0).to(ACC)
+        pivot = tl.zeros(scale.shape, dtype=tl.int32)
+        for i in tl.static_range(1, M):
+            b = tl.load(B + i * stride_bi, mask=mask, other=0.0).to(ACC)
+            larger = tl.abs(b) > tl.abs(scale)
+            scale = tl.where(larger, b, scale)
+            pivot = tl.where(larger, i, pivot)
+        return pivot, scale
+
+    @triton.jit
+    def _mix_relative(E0, e_offsets, e_mask, stride_e0, B, stride_bi, pivot, scale,
+                      M: tl.constexpr, DOT: tl.constexpr, WIDE: tl.constexpr,
+                      ROWS: tl.constexpr):
+        """E[p] + sum_{i != p} (beta_i / beta_p) E[i] over one tile, p each weight row's pivot
+        expert (_pivot): the mixed tile divided by beta_p row by row, which the caller
+        multiplies into its dot's output instead. The pivot's term takes no multiply, so mixing
+        m experts takes m - 1 fused multiply-adds per element where _mix_tile takes m; the
+        ratios lie in [-1, 1], so nothing overflows that the mixed weight would not. Ratios and
+        each step rounded to the input dtype, as _mix_tile. ROWS: the weight rows are the
+        tile's rows (else its columns)."""
+        e = tl.load(E0 + _column(_index(pivot, WIDE) * stride_e0, ROWS) + e_offsets,
+                    mask=e_mask, other=0.0)
+        w = e.to(DOT)
+        inverse = tl.where(scale != 0, 1.0 / tl.where(scale != 0, scale, 1.0), 0.0)
+        for j in tl.static_range(1, M):
+            other = j - 1 + (pivot <= j - 1).to(tl.int32)  # the experts but the pivot, in order
+            ratio = tl.load(B + other * stride_bi).to(scale.dtype) * inverse
+            e = tl.load(E0 + _column(_index(other, WIDE) * stride_e0, ROWS) + e_offsets,
+                        mask=e_mask, other=0.0)
+            r = _rounded(_column(ratio, ROWS).to(DOT), e.dtype)
+            w = _rounded(tl.fma(r, e.to(DOT), w), e.dtype)
+        return w
+
     # SWAP (sm_90 and newer): both GEMM kernels compute the transpose of their output tile, so
     # that the mixed weight tile is the dot's first operand, which wgmma reads from registers: it
     # then stays asynchronous (the next tile is mixed while the tensor cores run) and the mixed
@@ -255,6 +314,8 @@ if triton is not None:
     # real data that reaches only outputs the store masks, so the loop's loads need the
     # reduction mask alone (the contiguous dimension of a load is never clamped: that would
     # hide its contiguity from the compiler, and with it vector and asynchronous copies).
+    # RELATIVE: the forward mixes relative to each row's pivot expert (_mix_relative), one
+    # multiply-add fewer per weight element, and scales its output rows by the pivot's beta.
     @triton.jit(do_not_specialize=["T", "bias_kind"] + _SMALL_LOADS)
     def _forward_kernel(X, E, Beta, Bias, Y, T, n_out, n_in,
                         stride_xt, stride_xk, stride_e0, stride_e1, stride_e2,
@@ -262,7 +323,8 @@ if triton is not None:
                         M: tl.constexpr,
                         ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP: tl.constexpr, WIDE: tl.constexpr, SWAP: tl.constexpr):
+                        GROUP: tl.constexpr, WIDE: tl.constexpr, SWAP: tl.constexpr,
+                        RELATIVE: tl.constexpr):
         """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o] for a (BLOCK_T, BLOCK_N) tile (SWAP: its
         transpose, stored transposed); bias_kind 0 none, 1 shared, 2 per expert."""
         pid_t, pid_n = _grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
@@ -284,19 +346,30 @@ if triton is not None:
             beta_offsets = cols_in[None, :] * stride_bo
             beta_ok = col_ok[None, :]
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+        beta_rows = Beta + cols_in * stride_bo
+        if RELATIVE:
+            pivot, scale = _pivot(beta_rows, stride_bi, cols_in < n_out, M, ACC)
         for k0 in range(0, n_in, BLOCK_K):
             k_ok = ks < n_in - k0
             k = _index(k0, WIDE)
+            x = tl.load(X + k * stride_xk + x_offsets, mask=_column(k_ok, SWAP), other=0.0)
+            if RELATIVE:
+                w = _mix_relative(E + k * stride_e2, e_offsets, _column(k_ok, not SWAP),
+                                  stride_e0, beta_rows, stride_bi, pivot, scale, M, DOT, WIDE,
+                                  SWAP)
+            else:
+                w = _mix_tile(E + k * stride_e2, e_offsets, _column(k_ok, not SWAP), stride_e0,
+                              Beta, beta_offsets, beta_ok, stride_bi, M, DOT, False)
             if SWAP:
-                x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[:, None], other=0.0)
-                w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[None, :], stride_e0, Beta,
-                              beta_offsets, beta_ok, stride_bi, M, DOT, False)
                 acc = tl.dot(w, x.to(DOT), acc, input_precision=PRECISION)
             else:
-                x = tl.load(X + k * stride_xk + x_offsets, mask=k_ok[None, :], other=0.0)
-                w = _mix_tile(E + k * stride_e2, e_offsets, k_ok[:, None], stride_e0, Beta,
-                              beta_offsets, beta_ok, stride_bi, M, DOT, False)
                 acc = tl.dot(x.to(DOT), w, acc, input_precision=PRECISION)
+        if RELATIVE:
+            # beta_p loaded again rather than kept: held through the loop, the per-row scale
+            # takes registers from it (a mask unlike the first load's keeps the compiler from
+            # merging the two)
+            _, scale = _pivot(beta_rows, stride_bi, col_ok, M, ACC)
+            acc = acc * _column(scale, SWAP)
         bias = tl.zeros((BLOCK_N,), dtype=ACC)
         if bias_kind == 1:
             bias = tl.load(Bias + cols_in * stride_bias1).to(ACC)
@@ -751,6 +824,8 @@ class _Dims:
         self.wide_experts = _wide(experts[0])
         swap = _swapped(experts.device)
         self.one_pass = {wide: dict(self.gemm, WIDE=wide, SWAP=swap) for wide in (False, True)}
+        self.forward = {wide: dict(self.one_pass[wide], RELATIVE=self.m <= RELATIVE_MAX_EXPERTS)
+                        for wide in (False, True)}
         # dx in the SWAP form reads beta's slice for each step along the dot's reduction: as
         # int32 words of two experts (half inputs, even m, rows of m contiguous values) those
         # are 4-byte loads that cp.async pipelines; 2-byte ones are synchronous loads in the loop
@@ -825,7 +900,7 @@ def forward(x, experts, beta, bias, strategy="auto"):
             lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_out, o["BLOCK_N"]),),
             (x, experts, beta, bias_ptr, y, tokens, d.n_out, d.n_in, *x.stride(),
              *experts.stride(), *beta.stride(), stride_bias0, stride_bias1, y.stride(0),
-             bias_kind), d.one_pass[wide])
+             bias_kind), d.forward[wide])
         return y
 
 
