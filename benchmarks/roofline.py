@@ -312,7 +312,7 @@ def predict(device, shape, tokens, m):
 
 # GPU generation (compute capability major) -> the GPU of PEAKS whose prediction sets the rule
 RULE_DEVICES = {8: "A100", 9: "H100"}
-RULE_EXPERTS = 6  # the counts are for m = 2 and 6: the rule goes no further
+RULE_EXPERTS = 6  # the counts are for m = 2, 4 and 6: the rule goes no further
 # The token counts the rule is searched over: 256, 384, 512, 768, ... 2^20
 RULE_TOKENS = sorted({3 << (k - 1) for k in range(8, 20)} | {1 << k for k in range(8, 21)})
 
