@@ -28,14 +28,26 @@ from mos_kernels.backends import triton_backend as tb  # noqa: E402
 
 
 @triton.jit
-def _mix_and_dot(x, E_desc, Beta_rows, stride_bi, pid_n, k0, acc, M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    w = tl.load(Beta_rows)[:, None] * E_desc.load([0, pid_n * BLOCK_N, k0]).reshape(BLOCK_N,
-                                                                                     BLOCK_K)
-    for i in tl.static_range(1, M):
-        e = E_desc.load([i, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K)
-        w = tl.fma(tl.load(Beta_rows + i * stride_bi)[:, None], e, w)
-    return tl.dot(w, tl.trans(x), acc)
+def _forward_tiles(x_desc, e_desc, Beta, Y, T, n_out, n_in, stride_bo, stride_bi, stride_yt,
+                   M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """The SWAP forward (no bias) of one tile, x and the experts read through descriptors, mixed
+    as the backend's _mix_tile mixes."""
+    pid_t, pid_n = tb._grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    beta_rows = Beta + tl.minimum(cols, n_out - 1) * stride_bo
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        x = x_desc.load([pid_t * BLOCK_T, k0])
+        w = tl.load(beta_rows)[:, None] * \
+            e_desc.load([0, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K)
+        for i in tl.static_range(1, M):
+            e = e_desc.load([i, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K)
+            w = tl.fma(tl.load(beta_rows + i * stride_bi)[:, None], e, w)
+        acc = tl.dot(w, tl.trans(x), acc)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tl.store(Y + rows[None, :] * stride_yt + cols[:, None], acc.to(Y.dtype.element_ty),
+             mask=(rows < T)[None, :] & (cols < n_out)[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -43,39 +55,23 @@ def forward_device_descriptors(X, E, Beta, Y, T, n_out, n_in, stride_xt, stride_
                                stride_bo, stride_bi, stride_yt, M: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """The SWAP forward (no bias) with x and the experts read through in-kernel descriptors."""
+    """With descriptors made in the kernel."""
     tl.assume(n_in > 0)
-    pid_t, pid_n = tb._grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
     x_desc = tl.make_tensor_descriptor(X, [T, n_in], [stride_xt, 1], [BLOCK_T, BLOCK_K])
     e_desc = tl.make_tensor_descriptor(E, [M, n_out, n_in], [stride_e0, stride_e1, 1],
                                        [1, BLOCK_N, BLOCK_K])
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    beta_rows = Beta + tl.minimum(cols, n_out - 1) * stride_bo
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        x = x_desc.load([pid_t * BLOCK_T, k0])
-        acc = _mix_and_dot(x, e_desc, beta_rows, stride_bi, pid_n, k0, acc, M, BLOCK_N, BLOCK_K)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tl.store(Y + rows[None, :] * stride_yt + cols[:, None], acc.to(Y.dtype.element_ty),
-             mask=(rows < T)[None, :] & (cols < n_out)[:, None])
+    _forward_tiles(x_desc, e_desc, Beta, Y, T, n_out, n_in, stride_bo, stride_bi, stride_yt, M,
+                   BLOCK_T, BLOCK_N, BLOCK_K, GROUP)
 
 
 @triton.jit(do_not_specialize=["T"])
 def forward_host_descriptors(x_desc, e_desc, Beta, Y, T, n_out, n_in, stride_bo, stride_bi,
                              stride_yt, M: tl.constexpr, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """The same with descriptors made on the host (triton.tools.tensor_descriptor)."""
+    """With descriptors made on the host (triton.tools.tensor_descriptor)."""
     tl.assume(n_in > 0)
-    pid_t, pid_n = tb._grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    beta_rows = Beta + tl.minimum(cols, n_out - 1) * stride_bo
-    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        x = x_desc.load([pid_t * BLOCK_T, k0])
-        acc = _mix_and_dot(x, e_desc, beta_rows, stride_bi, pid_n, k0, acc, M, BLOCK_N, BLOCK_K)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tl.store(Y + rows[None, :] * stride_yt + cols[:, None], acc.to(Y.dtype.element_ty),
-             mask=(rows < T)[None, :] & (cols < n_out)[:, None])
+    _forward_tiles(x_desc, e_desc, Beta, Y, T, n_out, n_in, stride_bo, stride_bi, stride_yt, M,
+                   BLOCK_T, BLOCK_N, BLOCK_K, GROUP)
 
 
 def _loop(fn, constants, config, types, arch=90):
