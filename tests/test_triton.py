@@ -205,6 +205,19 @@ def test_forward_with_edge_betas(strategy, dtype):
             assert_close(grad, ref, dtype, f"{name}, m = {m}")
 
 
+def test_bf16_outputs_round_to_nearest(strategy):
+    """Every bf16 store rounds to nearest even, as a GPU's conversion does (the interpreter's
+    truncates: triton_backend._stored rounds by hand there). At m = 1 the output and dx are a
+    scaled expert's products summed in fp32, so nearly all of their elements must equal the
+    float64 reference rounded to bf16; truncated, about half would be one ulp below."""
+    tensors = make_inputs(64, 96, 48, 96, 48, 1, False, "none", torch.bfloat16)
+    y, grads, dy = run(triton_op(strategy), tensors, 48)
+    y_ref, grads_ref = reference64(tensors, 48, dy)
+    for name, got, ref in (("output", y, y_ref), ("dx", grads[0], grads_ref[0])):
+        agree = (got.cpu() == ref.to(torch.bfloat16)).double().mean().item()
+        assert agree > 0.9, f"{name}: {agree:.2f} of the elements rounded as float64 rounds"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_dx_reads_beta_as_words_where_it_can(dtype, monkeypatch):
     """In the SWAP form dx reads a contiguous half beta with an even m as int32 words (two

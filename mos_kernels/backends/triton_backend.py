@@ -219,6 +219,19 @@ if triton is not None:
             out = bits.to(tl.float32, bitcast=True)
         return out
 
+    # The interpreter's casts from fp32 to bf16 truncate, a GPU's round to nearest even: the
+    # kernels' bf16 stores round by hand there (_stored), so that they store what a GPU would.
+    _TRUNCATING_BF16 = tl.constexpr(_INTERPRETED)
+
+    @triton.jit
+    def _stored(v, DTYPE: tl.constexpr):
+        """v converted to DTYPE for a store, rounded to nearest even."""
+        if _TRUNCATING_BF16 and (DTYPE == tl.bfloat16) and (v.dtype == tl.float32):
+            out = _rounded(v, DTYPE).to(DTYPE)  # exact: the low 16 bits are zero
+        else:
+            out = v.to(DTYPE)
+        return out
+
     @triton.jit
     def _load_beta(B, offsets, mask, I: tl.constexpr, WORDS: tl.constexpr, DTYPE: tl.constexpr):
         """Expert I's beta over a tile: B points at its column (WORDS: at the int32 word that
@@ -380,11 +393,11 @@ if triton is not None:
         cols = _index(cols, WIDE)
         if SWAP:
             tl.store(Y + rows[None, :] * stride_yt + cols[:, None],
-                     (acc + bias[:, None]).to(Y.dtype.element_ty),
+                     _stored(acc + bias[:, None], Y.dtype.element_ty),
                      mask=(rows < T)[None, :] & col_ok[:, None])
         else:
             tl.store(Y + rows[:, None] * stride_yt + cols[None, :],
-                     (acc + bias[None, :]).to(Y.dtype.element_ty),
+                     _stored(acc + bias[None, :], Y.dtype.element_ty),
                      mask=(rows < T)[:, None] & col_ok[None, :])
 
     @triton.jit(do_not_specialize=["T", "stride_bo", "stride_bi"])
@@ -436,10 +449,12 @@ if triton is not None:
                 acc = tl.dot(dy.to(DOT), w, acc, input_precision=PRECISION)
         rows = _index(rows, WIDE)
         if SWAP:
-            tl.store(DX + rows[None, :] * stride_dxt + ks[:, None], acc.to(DX.dtype.element_ty),
+            tl.store(DX + rows[None, :] * stride_dxt + ks[:, None],
+                     _stored(acc, DX.dtype.element_ty),
                      mask=(rows < T)[None, :] & k_ok[:, None])
         else:
-            tl.store(DX + rows[:, None] * stride_dxt + ks[None, :], acc.to(DX.dtype.element_ty),
+            tl.store(DX + rows[:, None] * stride_dxt + ks[None, :],
+                     _stored(acc, DX.dtype.element_ty),
                      mask=(rows < T)[:, None] & k_ok[None, :])
 
     _WANTS = ["want_de", "want_parts", "want_s"]
@@ -497,7 +512,7 @@ if triton is not None:
             beta_ptrs = Beta + os64 * stride_bo
             for _ in tl.static_range(M):
                 b = tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)
-                tl.store(de_ptrs, (b[:, None] * acc).to(DE.dtype.element_ty), mask=de_mask)
+                tl.store(de_ptrs, _stored(b[:, None] * acc, DE.dtype.element_ty), mask=de_mask)
                 de_ptrs += stride_de0
                 beta_ptrs += stride_bi
         if ((want_parts != 0) | WANT_W) & in_slice:
@@ -516,7 +531,7 @@ if triton is not None:
                 part_ptrs += 1
                 beta_ptrs += stride_bi
             if WANT_W:
-                tl.store(W + os64[:, None] * n_in + ks64[None, :], w.to(W.dtype.element_ty),
+                tl.store(W + os64[:, None] * n_in + ks64[None, :], _stored(w, W.dtype.element_ty),
                          mask=mask)
 
     @triton.jit(do_not_specialize=["n_parts", "n_out", "N_max", "bias_kind", "want_dbeta",
@@ -541,15 +556,15 @@ if triton is not None:
                     total += tl.load(Parts + (p * n_out + os64) * M + i, mask=o_ok, other=0.0)
                 if bias_kind == 2:
                     total += s * tl.load(bias_ptrs, mask=o_ok, other=0.0).to(ACC)
-                tl.store(DBeta + os64 * M + i, total.to(DBeta.dtype.element_ty), mask=o_ok)
+                tl.store(DBeta + os64 * M + i, _stored(total, DBeta.dtype.element_ty), mask=o_ok)
             if (want_dbias != 0) & (bias_kind == 2):
                 b = tl.load(beta_ptrs, mask=o_ok, other=0.0).to(ACC)
-                tl.store(DBias + i * N_max + os64, (b * s).to(DBias.dtype.element_ty),
+                tl.store(DBias + i * N_max + os64, _stored(b * s, DBias.dtype.element_ty),
                          mask=os_ < N_max)
             beta_ptrs += stride_bi
             bias_ptrs += stride_bias0
         if (want_dbias != 0) & (bias_kind == 1):
-            tl.store(DBias + os64, s.to(DBias.dtype.element_ty), mask=os_ < N_max)
+            tl.store(DBias + os64, _stored(s, DBias.dtype.element_ty), mask=os_ < N_max)
 
     @triton.jit(do_not_specialize=_SMALL_LOADS + ["bias_kind"])
     def _combine_kernel(E, Beta, Bias, W, MixedBias, n_out, n_in,
@@ -568,11 +583,12 @@ if triton is not None:
         mask = o_ok[:, None] & k_ok[None, :]
         w = _mixed(E + os64[:, None] * stride_e1 + ks64[None, :] * stride_e2, stride_e0,
                    Beta + os64[:, None] * stride_bo, stride_bi, mask, o_ok[:, None], M, ACC)
-        tl.store(W + os64[:, None] * n_in + ks64[None, :], w.to(W.dtype.element_ty), mask=mask)
+        tl.store(W + os64[:, None] * n_in + ks64[None, :], _stored(w, W.dtype.element_ty),
+                 mask=mask)
         if (bias_kind == 2) & (pid_k == 0):
             b = _mixed(Bias + os64 * stride_bias1, stride_bias0, Beta + os64 * stride_bo,
                        stride_bi, o_ok, o_ok, M, ACC)
-            tl.store(MixedBias + os64, b.to(MixedBias.dtype.element_ty), mask=o_ok)
+            tl.store(MixedBias + os64, _stored(b, MixedBias.dtype.element_ty), mask=o_ok)
 
     # ---------------------------------------------------------------- tile configurations
     def _config(num_warps, num_stages, **blocks):
