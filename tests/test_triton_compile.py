@@ -21,7 +21,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from mos_kernels.backends.triton_backend import RELATIVE_MAX_EXPERTS  # noqa: E402
+from mos_kernels.backends.triton_backend import (  # noqa: E402
+    RELATIVE_MAX_EXPERTS, SWAP_MIN_TOKENS)
 
 
 def _nvidia_backend():
@@ -161,7 +162,8 @@ def test_weight_gradient_kernels_do_not_spill(compiled):
 def test_mixed_tile_stays_in_registers(compiled):
     """The mixed weight tile is never stored to shared memory: on sm_90 every wgmma of the
     main loop takes it as its register A operand (wgmma needs 64 rows of it per warp group:
-    the tiles that have them must use wgmma), and the forward's loop has no shared-memory
+    the tiles that have them must use wgmma, but for forward tiles of fewer than
+    SWAP_MIN_TOKENS tokens, which run unswapped, by mma.sync), and the forward's loop has no shared-memory
     store at all (its loads go global -> shared by cp.async) on sm_80 and sm_90, nor has dx's
     on sm_90 (m even: beta's slice, which runs along the dot's reduction there, arrives as
     int32 words by cp.async too); on sm_80 dx stores at most beta's slice. The wgmma waits of
@@ -178,7 +180,8 @@ def test_mixed_tile_stays_in_registers(compiled):
                      0 if r["arch"] == 90 else r["m"] * max(1, r["config"]["BLOCK_K"] // 16))]
     assert not dx_stores, "\n".join(dx_stores)
     hopper = [r for r in rows if r["arch"] == 90]
-    wide = [r for r in hopper if r["config"]["BLOCK_N"] >= 16 * r["config"]["num_warps"]]
+    wide = [r for r in hopper if r["config"]["BLOCK_N"] >= 16 * r["config"]["num_warps"] and (
+        r["kernel"].startswith("grad_input") or r["config"]["BLOCK_T"] >= SWAP_MIN_TOKENS)]
     assert wide and all(r["loop"]["wgmma_register_a"] for r in wide)
     shared_a = [describe(r) for r in hopper if not all(r["loop"]["wgmma_register_a"])]
     assert not shared_a, "\n".join(shared_a)
@@ -190,12 +193,12 @@ def test_mixed_tile_stays_in_registers(compiled):
 
 # Main-loop instructions per k-iteration per warp against a plain Triton matmul of the same
 # tile, warps and stages (tests/triton_compile.py, plain_matmul), as compiled by Triton 3.9 for
-# bf16 and fp16 on sm_80 and sm_90 (docs/results.md, "Triton one-pass kernels"): at most 1.72x
-# at m = 2, 2.59x at m = 4 and 3.86x at m = 6. The packed half mixing costs (m - 1) / 2
+# bf16 and fp16 on sm_80 and sm_90 (docs/results.md, "Triton one-pass kernels"): at most 1.55x
+# at m = 2, 2.34x at m = 4 and 3.54x at m = 6. The packed half mixing costs (m - 1) / 2
 # (forward, m <= 4) or m / 2 instructions per weight element a warp holds, plus the expert
 # tiles' loads, which a plain matmul does not spend. A regression bound: where the count exceeds
 # 1.5x, docs/results.md says why.
-MAX_LOOP_RATIO = {2: 1.8, 4: 2.7, 6: 4.0}
+MAX_LOOP_RATIO = {2: 1.6, 4: 2.4, 6: 3.6}
 
 
 def test_main_loop_instructions_against_a_plain_matmul(compiled):

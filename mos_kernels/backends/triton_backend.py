@@ -77,6 +77,12 @@ ONE_PASS_SPILLS = {
 RELATIVE_MAX_EXPERTS = 4
 
 
+# The fewest tokens (BLOCK_T) of a forward tile that runs in the SWAP form (_forward_kernel) on a
+# GPU that takes it: for 32 tokens the unswapped form issues fewer instructions per k-step
+# (docs/results.md, "Triton one-pass kernels").
+SWAP_MIN_TOKENS = 64
+
+
 def one_pass_spills(kernel, major, m, tile):
     """Whether the one-pass ``kernel`` ("forward", "grad_input") spills at ``tile`` (BLOCK_T,
     BLOCK_N, BLOCK_K, num_warps) for m experts on compute capability ``major``."""
@@ -315,6 +321,10 @@ if triton is not None:
             w = _rounded(tl.fma(r, e.to(DOT), w), e.dtype)
         return w
 
+    # Under the interpreter, whose tiles are 32 tokens, every forward tile runs in the SWAP form
+    # (SWAP_MIN_TOKENS), so that the tests run that form.
+    _SWAP_MIN_TOKENS = tl.constexpr(0 if _INTERPRETED else SWAP_MIN_TOKENS)
+
     # SWAP (sm_90 and newer): both GEMM kernels compute the transpose of their output tile, so
     # that the mixed weight tile is the dot's first operand, which wgmma reads from registers: it
     # then stays asynchronous (the next tile is mixed while the tensor cores run) and the mixed
@@ -340,6 +350,10 @@ if triton is not None:
                         RELATIVE: tl.constexpr):
         """y[t, o] = sum_k x[t, k] W_a[o, k] + b_a[o] for a (BLOCK_T, BLOCK_N) tile (SWAP: its
         transpose, stored transposed); bias_kind 0 none, 1 shared, 2 per expert."""
+        # Tiles of fewer tokens than _SWAP_MIN_TOKENS run unswapped: as wgmma's N, 32 tokens
+        # make a short dot for the mixing's cost, and mma.sync, with the mixed tile its register
+        # operand, issues fewer instructions there
+        swap: tl.constexpr = SWAP and (BLOCK_T >= _SWAP_MIN_TOKENS)
         pid_t, pid_n = _grouped_tile(T, n_out, BLOCK_T, BLOCK_N, GROUP)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -347,7 +361,7 @@ if triton is not None:
         rows_in = _index(tl.minimum(rows, T - 1), WIDE)
         cols_in = _index(tl.minimum(cols, n_out - 1), WIDE)
         ks = _index(tl.arange(0, BLOCK_K), WIDE)
-        if SWAP:
+        if swap:
             x_offsets = ks[:, None] * stride_xk + rows_in[None, :] * stride_xt  # (K, T): x^T
             e_offsets = cols_in[:, None] * stride_e1 + ks[None, :] * stride_e2  # (N, K)
             beta_offsets = cols_in[:, None] * stride_bo  # loop-invariant: the loads are hoisted
@@ -365,15 +379,15 @@ if triton is not None:
         for k0 in range(0, n_in, BLOCK_K):
             k_ok = ks < n_in - k0
             k = _index(k0, WIDE)
-            x = tl.load(X + k * stride_xk + x_offsets, mask=_column(k_ok, SWAP), other=0.0)
+            x = tl.load(X + k * stride_xk + x_offsets, mask=_column(k_ok, swap), other=0.0)
             if RELATIVE:
-                w = _mix_relative(E + k * stride_e2, e_offsets, _column(k_ok, not SWAP),
+                w = _mix_relative(E + k * stride_e2, e_offsets, _column(k_ok, not swap),
                                   stride_e0, beta_rows, stride_bi, pivot, scale, M, DOT, WIDE,
-                                  SWAP)
+                                  swap)
             else:
-                w = _mix_tile(E + k * stride_e2, e_offsets, _column(k_ok, not SWAP), stride_e0,
+                w = _mix_tile(E + k * stride_e2, e_offsets, _column(k_ok, not swap), stride_e0,
                               Beta, beta_offsets, beta_ok, stride_bi, M, DOT, False)
-            if SWAP:
+            if swap:
                 acc = tl.dot(w, x.to(DOT), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(x.to(DOT), w, acc, input_precision=PRECISION)
@@ -382,7 +396,7 @@ if triton is not None:
             # takes registers from it (a mask unlike the first load's keeps the compiler from
             # merging the two)
             _, scale = _pivot(beta_rows, stride_bi, col_ok, M, ACC)
-            acc = acc * _column(scale, SWAP)
+            acc = acc * _column(scale, swap)
         bias = tl.zeros((BLOCK_N,), dtype=ACC)
         if bias_kind == 1:
             bias = tl.load(Bias + cols_in * stride_bias1).to(ACC)
@@ -391,7 +405,7 @@ if triton is not None:
                           stride_bi, col_ok, col_ok, M, ACC)
         rows = _index(rows, WIDE)
         cols = _index(cols, WIDE)
-        if SWAP:
+        if swap:
             tl.store(Y + rows[None, :] * stride_yt + cols[:, None],
                      _stored(acc + bias[:, None], Y.dtype.element_ty),
                      mask=(rows < T)[None, :] & col_ok[:, None])
