@@ -332,7 +332,8 @@ if triton is not None:
     # are pipelined through shared memory. Without SWAP (sm_80 to sm_89, whose mma.sync takes
     # both operands from registers) the mixed tile is the second operand: Triton spreads a
     # tile's warps more along the dot's columns than its rows, and every warp that shares the
-    # weight tile's part mixes it again, so the tokens go along the rows.
+    # weight tile's part mixes it again, so the tokens go along the rows. The forward's tiles of
+    # fewer than SWAP_MIN_TOKENS tokens take that form on sm_90 too.
     # Rows and columns past the edges of the output are clamped rather than masked: they read
     # real data that reaches only outputs the store masks, so the loop's loads need the
     # reduction mask alone (the contiguous dimension of a load is never clamped: that would
