@@ -7,10 +7,10 @@ says fits, untimed, so an estimate below the truth is a launch failure); for bf1
 GPU training runs, every autotune configuration must fit an A100's and an H100's shared memory
 and spill at most a few registers, and nothing the backend launches may spill (it leaves out
 the few configurations that do). The one-pass forward and dx kernels, at every bf16 and fp16
-configuration and m = 2 and 6 (bf16: at RELATIVE_MAX_EXPERTS too), must not spill
-at all, and their main loop (read from the SASS) must keep the mixed weight tile out of shared
-memory, keep wgmma asynchronous on sm_90, and issue no more instructions than MAX_LOOP_RATIO
-times a plain Triton matmul of the same tile."""
+configuration and m = 2 and 6 (bf16: at RELATIVE_MAX_EXPERTS too), must not spill at all,
+and their main loop (read from the SASS) must keep the mixed weight tile out of shared memory,
+keep wgmma asynchronous on sm_90, and issue no more instructions than MAX_LOOP_RATIO times a
+plain Triton matmul of the same tile."""
 import concurrent.futures
 import json
 import os
@@ -163,8 +163,9 @@ def test_mixed_tile_stays_in_registers(compiled):
     """The mixed weight tile is never stored to shared memory: on sm_90 every wgmma of the
     main loop takes it as its register A operand (wgmma needs 64 rows of it per warp group:
     the tiles that have them must use wgmma, but for forward tiles of fewer than
-    SWAP_MIN_TOKENS tokens, which run unswapped, by mma.sync), and the forward's loop has no shared-memory
-    store at all (its loads go global -> shared by cp.async) on sm_80 and sm_90, nor has dx's
+    SWAP_MIN_TOKENS tokens, which run unswapped, by mma.sync), and the forward's loop has no
+    shared-memory store at all (its loads go global -> shared by cp.async) on sm_80 and sm_90,
+    nor has dx's
     on sm_90 (m even: beta's slice, which runs along the dot's reduction there, arrives as
     int32 words by cp.async too); on sm_80 dx stores at most beta's slice. The wgmma waits of
     both kernels leave at least one group in flight, so the tensor cores run while the next
