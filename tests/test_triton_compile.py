@@ -165,11 +165,10 @@ def test_mixed_tile_stays_in_registers(compiled):
     the tiles that have them must use wgmma, but for forward tiles of fewer than
     SWAP_MIN_TOKENS tokens, which run unswapped, by mma.sync), and the forward's loop has no
     shared-memory store at all (its loads go global -> shared by cp.async) on sm_80 and sm_90,
-    nor has dx's
-    on sm_90 (m even: beta's slice, which runs along the dot's reduction there, arrives as
-    int32 words by cp.async too); on sm_80 dx stores at most beta's slice. The wgmma waits of
-    both kernels leave at least one group in flight, so the tensor cores run while the next
-    tile is mixed."""
+    nor has dx's on sm_90 (m even: beta's slice, which runs along the dot's reduction there,
+    arrives as int32 words by cp.async too); on sm_80 dx stores at most beta's slice. The wgmma
+    waits of both kernels leave at least one group in flight, so the tensor cores run while the
+    next tile is mixed."""
     rows = gemm_rows(compiled)
     forward = [r for r in rows if r["kernel"].startswith("forward")]
     stores = [f"{describe(r)}: {r['loop']['sts']} STS" for r in forward if r["loop"]["sts"]]
