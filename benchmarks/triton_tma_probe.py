@@ -21,7 +21,6 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import triton_compile as tc  # noqa: E402
 from mos_kernels.backends import triton_backend as tb  # noqa: E402
@@ -74,17 +73,7 @@ def forward_host_descriptors(x_desc, e_desc, Beta, Y, T, n_out, n_in, stride_bo,
                    BLOCK_T, BLOCK_N, BLOCK_K, GROUP)
 
 
-def _loop(fn, constants, config, types, arch=90):
-    """Main-loop instruction count of ``fn`` compiled with argument types ``types``."""
-    constants = dict(constants, **config.kwargs)
-    sig = {a: "constexpr" if a in constants else types.get(a, "i32") for a in fn.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-               if sig[a] in ("*bf16", "i32") and a != "T"}
-    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=aligned)
-    target = GPUTarget("cuda", arch, 32)
-    options = triton.compiler.make_backend(target).parse_options(
-        {"num_warps": config.num_warps, "num_stages": config.num_stages})
-    compiled = triton.compile(source, target=target, options=options.__dict__)
+def _loop(compiled):
     return tc.loop_stats(tc.sass(compiled.asm["cubin"]))["instructions"]
 
 
@@ -97,27 +86,22 @@ def main(argv=None):
     m, dtype = args.experts, torch.bfloat16
     print("| tile T x N x K, warps, stages | pointers (backend) | device descriptors | "
           "host descriptors | plain |\n|---|---|---|---|---|")
-    pointers = {"X", "E", "Beta", "Y"}
     for index in args.configs:
         config = tb._GEMM_CONFIGS[index]
         c = config.kwargs
         ours = tc.compile_one(tb._forward_kernel, dict(
             M=m, ACC=tl.float32, DOT=tl.bfloat16, PRECISION="ieee", WIDE=False, SWAP=True,
             RELATIVE=False), config, dtype, 90)
-        device = _loop(forward_device_descriptors, dict(M=m), config,
-                       {a: "*bf16" for a in pointers})
-        host = _loop(forward_host_descriptors, dict(M=m), config, dict(
-            {a: "*bf16" for a in pointers},
+        device = tc.compile_one(forward_device_descriptors, dict(M=m), config, dtype, 90)
+        host = tc.compile_one(forward_host_descriptors, dict(M=m), config, dtype, 90, types=dict(
             x_desc=f"tensordesc<bf16[{c['BLOCK_T']},{c['BLOCK_K']}]>",
             e_desc=f"tensordesc<bf16[1,{c['BLOCK_N']},{c['BLOCK_K']}]>"))
         plain, units = tc.plain_case("forward", config)
         yardstick = tc.compile_one(tc.plain_matmul, plain, triton.Config(
             {}, num_warps=config.num_warps, num_stages=config.num_stages), dtype, 90, units)
         print(f"| {c['BLOCK_T']}x{c['BLOCK_N']}x{c['BLOCK_K']}, {config.num_warps}, "
-              f"{config.num_stages} | {tc.loop_stats(tc.sass(ours.asm['cubin']))['instructions']} "
-              f"| {device} | {host} | "
-              f"{tc.loop_stats(tc.sass(yardstick.asm['cubin']))['instructions']} |")
-
+              f"{config.num_stages} | {_loop(ours)} | {_loop(device)} | {_loop(host)} | "
+              f"{_loop(yardstick)} |")
 
 if __name__ == "__main__":
     main()

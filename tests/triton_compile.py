@@ -215,7 +215,10 @@ def loop_stats(text):
                 wgmma_waits=waits)
 
 
-def compile_one(fn, constants, config, dtype, arch, units=None):
+def compile_one(fn, constants, config, dtype, arch, units=None, types=None):
+    """``fn`` compiled for ``arch`` with ``constants`` and ``config``'s tiles; ``units``: the
+    stride arguments to specialise as 1 (default UNIT_STRIDES); ``types``: argument types that
+    override signature()'s (a tensor descriptor's, say)."""
     constants = dict(constants, **config.kwargs)
     if "SWAP" in constants and constants["SWAP"] is None:
         constants["SWAP"] = arch >= 90
@@ -226,7 +229,7 @@ def compile_one(fn, constants, config, dtype, arch, units=None):
             constants["M"] % 2 == 0
     constants.update({s: 1 for s in (UNIT_STRIDES if units is None else units)
                       if s in fn.arg_names})
-    sig = signature(fn, constants, dtype)
+    sig = dict(signature(fn, constants, dtype), **(types or {}))
     # What a launch with 16-byte aligned tensors and sizes and strides that are multiples of 16
     # specialises on (the arguments the kernel does not exempt).
     exempt = {fn.arg_names[a] if isinstance(a, int) else a for a in fn.do_not_specialize}
