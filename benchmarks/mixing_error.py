@@ -27,30 +27,13 @@ import torch  # noqa: E402
 
 import mos_kernels  # noqa: E402
 from mos_kernels.backends import triton_backend  # noqa: E402
-from oracle import DEVICE, make_inputs, reference64, run  # noqa: E402
+from oracle import DEVICE, make_inputs, reference64, relative_mix64, run  # noqa: E402
 
 DTYPES = (torch.float16, torch.bfloat16)
 
 
 def rms(w, exact):
     return ((w.double() - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
-
-
-def relative(experts, beta, dtype):
-    """beta_p times the forward's relative mixed tile (float64 experts and beta that hold
-    dtype values)."""
-    n = beta.shape[0]
-    b = beta.float()
-    pivot = b.abs().argmax(-1)
-    scale = b.gather(1, pivot[:, None])
-    inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
-    tile = experts[pivot, torch.arange(n)]
-    others = torch.arange(len(experts)).expand(n, -1)
-    others = others[others != pivot[:, None]].view(n, -1)
-    for other in others.t():
-        ratio = (b.gather(1, other[:, None]) * inverse).to(dtype).double()
-        tile = (ratio * experts[other, torch.arange(n)] + tile).to(dtype).double()
-    return scale.double() * tile
 
 
 def weight_table():
@@ -66,7 +49,8 @@ def weight_table():
             for i in range(1, m):
                 step = (beta[:, i:i + 1] * experts[i] + step.double()).to(dtype)
             once, per_step = rms(exact.to(dtype), exact), rms(step, exact)
-            rel = rms(relative(experts, beta, dtype), exact)
+            tile, scale = relative_mix64(experts, beta, dtype, lambda v: v.to(dtype))
+            rel = rms(scale.double() * tile, exact)
             print(f"| {str(dtype)[6:]} | {m} | {once:.2e} | {per_step:.2e} | {rel:.2e} | "
                   f"{per_step / once:.2f} | {rel / once:.2f} |")
 

@@ -47,3 +47,24 @@ def assert_close(actual, expected, dtype, name):
     tol = TOLERANCE[dtype] * scale
     torch.testing.assert_close(actual.double(), expected, rtol=0, atol=tol,
                                msg=lambda m: f"{name}: {m}")
+
+
+def relative_mix64(experts, beta, dtype, rounded):
+    """The Triton forward's relative mixing in float64 (for m <= RELATIVE_MAX_EXPERTS): per
+    row o the pivot p = the first expert of largest |beta[o]|, the tile E_p plus, for the other
+    experts in order, their ratio beta_i / beta_p (fp32's beta_i * (1 / beta_p), rounded to
+    dtype) times E_i, each step ``rounded`` to dtype. experts (m, n, k) and beta (n, m) hold
+    dtype values. Returns (tile, beta_p as (n, 1) fp32): the kernel multiplies its output by
+    the latter."""
+    n = beta.shape[0]
+    b = beta.float()
+    pivot = b.abs().argmax(-1)
+    scale = b.gather(1, pivot[:, None])
+    inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
+    tile = experts[pivot, torch.arange(n)].double()
+    others = torch.arange(len(experts)).expand(n, -1)
+    others = others[others != pivot[:, None]].view(n, -1)
+    for other in others.t():
+        ratio = (b.gather(1, other[:, None]) * inverse).to(dtype).double()
+        tile = rounded(ratio * experts[other, torch.arange(n)].double() + tile).double()
+    return tile, scale

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mos_kernels
-from oracle import DEVICE, assert_close, make_inputs, reference64, run
+from oracle import DEVICE, assert_close, make_inputs, reference64, relative_mix64, run
 
 pytestmark = pytest.mark.skipif("triton" not in mos_kernels.available_backends(DEVICE),
                                 reason="the triton backend cannot run here")
@@ -167,15 +167,7 @@ def test_relative_mixing_rounds_every_step(dtype, m):
     n = 64
     experts = torch.randn(m, n, n, generator=g).to(dtype)
     beta = _edge_betas(n, m, dtype, g)
-    b = beta.float()
-    pivot = b.abs().argmax(-1)  # the first of equals
-    scale = b.gather(1, pivot[:, None])
-    inverse = torch.where(scale != 0, 1 / torch.where(scale != 0, scale, 1), 0)
-    model = experts[pivot, torch.arange(n)].double()
-    others = torch.arange(m).expand(n, m)[torch.arange(m) != pivot[:, None]].view(n, m - 1)
-    for other in others.t():
-        ratio = (b.gather(1, other[:, None]) * inverse).to(dtype).double()
-        model = _round_once(ratio * experts[other, torch.arange(n)].double() + model, dtype)
+    model, scale = relative_mix64(experts, beta, dtype, lambda v: _round_once(v, dtype))
     mixed = torch.empty(n, n, dtype=dtype, device=DEVICE)
     scales = torch.empty(n, dtype=torch.float32, device=DEVICE)
     _mix_relative_kernel[(1,)](experts.to(DEVICE), beta.to(DEVICE), mixed, scales, n, m,
