@@ -75,8 +75,8 @@ LAUNCH_S = 4e-6  # host time per kernel launched from PyTorch (launch plus dispa
 #   python tests/triton_compile.py --sass-table --dtypes bfloat16 --experts 2 4 6 \
 #       --all-configs --kernels forward grad_input
 # (Triton 3.9); docs/results.md, "Triton one-pass kernels" has the table, with the commit.
-# Configurations the backend leaves out where they spill (triton_backend.ONE_PASS_SPILLS) are
-# not charged there.
+# Configurations the backend leaves out (triton_backend.one_pass_left_out: where they spill,
+# and the sm_90 forward's 64 x 64 x 32) are not charged there.
 TRITON_SASS = {
     90: {
         "forward": {
@@ -174,15 +174,15 @@ def _per_m(counts, m):
     return c0 + (c1 - c0) * (m - m0) / (m1 - m0)
 
 
-def _triton_spills():
-    """triton_backend.one_pass_spills: the configurations the backend leaves out (imported here,
-    so that the model and the backend read one list)."""
+def _triton_left_out():
+    """triton_backend.one_pass_left_out: the configurations the backend leaves out (imported
+    here, so that the model and the backend read one list)."""
     try:
-        from mos_kernels.backends.triton_backend import one_pass_spills
+        from mos_kernels.backends.triton_backend import one_pass_left_out
     except ImportError:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from mos_kernels.backends.triton_backend import one_pass_spills
-    return one_pass_spills
+        from mos_kernels.backends.triton_backend import one_pass_left_out
+    return one_pass_left_out
 
 
 def one_pass_gemm_s(peak, rows, cols, depth, m, kernel):
@@ -196,10 +196,10 @@ def one_pass_gemm_s(peak, rows, cols, depth, m, kernel):
         held = next((h for h in (2, 4, 8) if m <= h), "general")
         configs = {CUDA_SASS["tile"]: counts[held]}
     else:
-        spills = _triton_spills()
+        left_out = _triton_left_out()
         configs = {}
         for (bt, bn, bk, warps), counts in TRITON_SASS[peak["one_pass"]][kernel].items():
-            if spills(kernel, peak["one_pass"] // 10, m, (bt, bn, bk, warps)):
+            if left_out(kernel, peak["one_pass"] // 10, m, (bt, bn, bk, warps)):
                 continue  # the backend does not launch it there
             tile = (bt, bn, bk) if kernel == "forward" else (bt, bk, bn)
             configs[tile + (warps,)] = _per_m(counts, m)

@@ -83,12 +83,21 @@ RELATIVE_MAX_EXPERTS = 4
 SWAP_MIN_TOKENS = 64
 
 
-def one_pass_spills(kernel, major, m, tile):
-    """Whether the one-pass ``kernel`` ("forward", "grad_input") spills at ``tile`` (BLOCK_T,
-    BLOCK_N, BLOCK_K, num_warps) for m experts on compute capability ``major``."""
+# One-pass configurations left out although they fit, per kernel and compute capability major:
+# the sm_90 forward's 64 x 64 x 32 tile, the only one whose main loop issues more than 1.5x a
+# plain Triton matmul's instructions per k-step at m = 2 (its dot is short for what the mixing
+# adds to every step); 64 x 64 x 64 serves that tile shape (docs/results.md, "Triton one-pass
+# kernels").
+ONE_PASS_LONG_LOOPS = {("forward", 9): {(64, 64, 32, 4)}}
+
+
+def one_pass_left_out(kernel, major, m, tile):
+    """Whether the backend leaves out the one-pass ``kernel`` ("forward", "grad_input") at
+    ``tile`` (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) for m experts on compute capability
+    ``major``: it spills there (ONE_PASS_SPILLS) or its loop is too long (ONE_PASS_LONG_LOOPS)."""
     lists = sorted(ONE_PASS_SPILLS.get((kernel, major), {}).items())
     spilling = next((s for experts, s in lists if m <= experts), lists[-1][1] if lists else ())
-    return tile in spilling
+    return tile in spilling or tile in ONE_PASS_LONG_LOOPS.get((kernel, major), ())
 
 try:
     import triton
@@ -653,10 +662,10 @@ if triton is not None:
         6: {(128, 128, 64, 8), (128, 128, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)},
     }
 
-    def _one_pass_spills(c, m, major, flags):
-        """one_pass_spills for a launch: the kernel is flags[0]."""
+    def _one_pass_left_out(c, m, major, flags):
+        """one_pass_left_out for a launch: the kernel is flags[0]."""
         tile = (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-        return one_pass_spills(flags[0], major, m, tile)
+        return one_pass_left_out(flags[0], major, m, tile)
 
     def _wgrad_spills(c, m, major, flags):
         """Whether weight-gradient config ``c`` spills for m experts in the variant ``flags``
@@ -736,8 +745,9 @@ def _cdiv(a, b):  # plain Python: triton.cdiv is a jit function, slow to call fr
 
 class _Tuned:
     """A JIT kernel with its tile configurations, their shared-memory estimate (None: all
-    fit, and all are timed) and the configurations that spill registers (spills(config, m,
-    major, flags of the launch), None: none; left out unless all do).
+    fit, and all are timed) and the configurations to leave out (left_out(config, m, major,
+    flags of the launch): those that spill registers, say; None: none; left out unless all
+    are).
 
     The configuration is chosen once per problem key (the launch's flags, sizes bucketed to
     powers of two, m, dtype, dot precision): for small problems the first that fits, untimed;
@@ -746,8 +756,8 @@ class _Tuned:
     tensor) on every call, which cost more host time than the launch itself. Under the
     interpreter: the first configuration with the tiles of _INTERPRETER_TILES."""
 
-    def __init__(self, fn, configs, shared=None, spills=None):
-        self.fn, self.configs, self.shared, self.spills = fn, configs, shared, spills
+    def __init__(self, fn, configs, shared=None, left_out=None):
+        self.fn, self.configs, self.shared, self.left_out = fn, configs, shared, left_out
         self.chosen = {}
 
     def launch(self, d, flags, tokens, grid_of, args, constants):
@@ -768,9 +778,9 @@ class _Tuned:
         tiles = self.chosen.get(problem)
         if tiles is None:
             configs = self.configs
-            if self.spills is not None:
+            if self.left_out is not None:
                 configs = [c for c in configs
-                           if not self.spills(c, d.m, d.major, key[0])] or configs
+                           if not self.left_out(c, d.m, d.major, key[0])] or configs
             if self.shared is not None:
                 work = key[1] * d.n_out_key * d.n_in_key
                 configs = _prune(configs, self.shared, d.element_size, d.m, work)
@@ -1074,7 +1084,7 @@ def _weight_side_grads(d, strategy, tokens, experts, beta, bias, needs, dy=None,
 
 
 if triton is not None:
-    _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared, _one_pass_spills)
-    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared, _one_pass_spills)
+    _FORWARD = _Tuned(_forward_kernel, _GEMM_CONFIGS, _gemm_shared, _one_pass_left_out)
+    _GRAD_INPUT = _Tuned(_grad_input_kernel, _GEMM_CONFIGS, _grad_input_shared, _one_pass_left_out)
     _WEIGHT_GRAD = _Tuned(_weight_grad_kernel, _WGRAD_CONFIGS, _wgrad_shared, _wgrad_spills)
     _COMBINE = _Tuned(_combine_kernel, _COMBINE_CONFIGS)
