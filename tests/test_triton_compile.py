@@ -9,9 +9,9 @@ and spill at most a few registers, and nothing the backend launches may spill (i
 the few configurations that do). The one-pass forward and dx kernels, at every bf16 and fp16
 configuration and m = 2 and 6 (bf16: at RELATIVE_MAX_EXPERTS too), must not spill at all,
 and their main loop (read from the SASS) must keep the mixed weight tile out of shared memory,
-keep wgmma asynchronous on sm_90, and issue no more instructions than MAX_LOOP_RATIO times a
-plain Triton matmul of the same tile (at m = 2, no more than 1.5 times where the backend
-launches the configuration)."""
+keep wgmma asynchronous on sm_90, mix two half elements per packed instruction, and issue no
+more instructions than MAX_LOOP_RATIO times a plain Triton matmul of the same tile (at m = 2,
+no more than 1.5 times where the backend launches the configuration)."""
 import concurrent.futures
 import json
 import os
@@ -134,6 +134,18 @@ def launched(row):
         return not tb._wgrad_spills(config, row["m"], row["arch"] // 10,
                                     ("weight_grad", True, want_w))
     return True
+
+
+def test_half_mixing_is_packed(compiled):
+    """The one-pass loops mix two elements per packed half instruction: none of their HMUL2 or
+    HFMA2 takes both factors from one half of a register (dx's transposed tile on sm_90, whose
+    pairs take two betas, mixes through PTX's packed instructions for that: _mix_tile's
+    PACKED)."""
+    rows = [r for r in gemm_rows(compiled) if launched(r)]
+    assert {r["arch"] for r in rows if r["kernel"].startswith("grad_input")} >= {80, 90}
+    half = [f"{describe(r)}: {r['loop']['half_width']}" for r in rows
+            if r["loop"]["half_width"]]
+    assert not half, "\n".join(half)
 
 
 def test_one_pass_kernels_do_not_spill(compiled):

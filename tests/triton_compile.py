@@ -173,7 +173,9 @@ def loop_stats(text):
     instructions (HMMA/HGMMA), shared-memory stores (STS), local memory accesses (LDL/STL), and
     the pending-group counts of its wgmma waits (WARPGROUP.DEPBAR.LE gsb0, N). None if no loop
     holds a tensor-core instruction. wgmma_register_a: per wgmma of the loop, whether its A
-    operand comes from registers."""
+    operand comes from registers. half_width: packed half multiplies and fmas (HMUL2, HFMA2)
+    whose two factors are both one half of a register (R4.H0_H0): one element's work in a
+    two-element instruction."""
     code, labels, pending = [], {}, []
     for line in text.splitlines():
         label = _LABEL.match(line)
@@ -208,7 +210,10 @@ def loop_stats(text):
     # wgmma's A operand: a register (R88) when it comes from registers, gdesc[...] from shared
     register_a = [i.split(None, 1)[1].split(",")[1].strip().startswith("R") for i in body
                   if i.startswith("HGMMA")]
-    return dict(instructions=sum(op != "NOP" for op in opcodes),
+    half = re.compile(r"\.H[01]_H[01]$")
+    half_width = sum(1 for i in body if i.startswith(("HMUL2", "HFMA2")) and all(
+        half.search(f.strip()) for f in i.split(None, 1)[1].split(",")[1:3]))
+    return dict(instructions=sum(op != "NOP" for op in opcodes), half_width=half_width,
                 mma=sum(op.startswith(_MMA) for op in opcodes), wgmma_register_a=register_a,
                 sts=sum(op.startswith("STS") for op in opcodes),
                 local=sum(op.startswith(("LDL", "STL")) for op in opcodes),

@@ -50,7 +50,7 @@ STRATEGIES = ("auto", "one_pass", "combine")
 # not listed (and the interpreter) take sm_90's.
 COMBINE_MIN_TOKENS = {
     8: (None, None, None, None, 24576, 12288),
-    9: (None, None, None, None, None, 262144),
+    9: (None, None, None, None, None, None),
 }
 
 # One-pass configurations (BLOCK_T, BLOCK_N, BLOCK_K, num_warps) that spill registers, per
@@ -58,7 +58,7 @@ COMBINE_MIN_TOKENS = {
 # previous list's up to its own (m <= 2; 3 and 4; 5 and 6; 7 and more). From
 # tests/triton_compile.py (Triton 3.9; bf16 and fp16 at m = 2, 4 and 6 in the compile tests,
 # bf16 at m = 3, 5 and 8 once: docs/results.md, "Triton one-pass kernels"). The backend leaves
-# them out there, and benchmarks/roofline.py does not charge them. Most are sm_80 to sm_89's:
+# them out there, and benchmarks/roofline.py does not charge them. All are sm_80 to sm_89's:
 # the unswapped form mixes each weight element in every warp that shares it, and a 256-token
 # tile of 4 warps holds 128 accumulators per thread in mma.sync's layout.
 _DX_SPILLS_SM80 = {(256, 64, 64, 8), (128, 128, 64, 8), (64, 64, 64, 4), (256, 64, 32, 4)}
@@ -66,7 +66,6 @@ ONE_PASS_SPILLS = {
     ("forward", 8): {2: set(), 8: {(256, 64, 32, 4)}},
     ("grad_input", 8): {2: {(256, 64, 32, 4)}, 6: _DX_SPILLS_SM80,
                         8: _DX_SPILLS_SM80 | {(128, 128, 32, 8), (128, 64, 32, 4)}},
-    ("grad_input", 9): {2: set(), 4: {(32, 32, 32, 4)}, 8: set()},
 }
 
 
@@ -258,9 +257,37 @@ if triton is not None:
             b = tl.load(B + offsets, mask=mask, other=0.0)
         return b
 
+    # Whether the kernels may use inline PTX (the interpreter cannot run it).
+    _PTX = tl.constexpr(not _INTERPRETED)
+
+    @triton.jit
+    def _packed_mul(a, b):
+        """a * b, rounded to nearest, in PTX's packed half instructions (two elements each)."""
+        if b.dtype == tl.bfloat16:
+            out = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                            dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            tl.static_assert(b.dtype == tl.float16)
+            out = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b],
+                                            dtype=tl.float16, is_pure=True, pack=2)
+        return out
+
+    @triton.jit
+    def _packed_fma(a, b, c):
+        """a * b + c, rounded once to nearest, in PTX's packed half instructions."""
+        if b.dtype == tl.bfloat16:
+            out = tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                            [a, b, c], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            tl.static_assert(b.dtype == tl.float16)
+            out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                            [a, b, c], dtype=tl.float16, is_pure=True, pack=2)
+        return out
+
     @triton.jit
     def _mix_tile(E0, e_offsets, e_mask, stride_e0, B0, beta_offsets, beta_mask, stride_bi,
-                  M: tl.constexpr, DOT: tl.constexpr, BETA_WORDS: tl.constexpr):
+                  M: tl.constexpr, DOT: tl.constexpr, BETA_WORDS: tl.constexpr,
+                  PACKED: tl.constexpr = False):
         """sum_i beta[., i] * E[i, ., .] over one tile, as DOT (the dot's operand type), each
         step rounded to the input dtype. For half inputs on a GPU that makes the mixing packed
         bf16x2/fp16x2 multiply-adds, two elements per instruction and no conversions (fp32
@@ -269,19 +296,30 @@ if triton is not None:
         scalar pointers (expert 0, beta column 0) to which the tile's offsets are added: the
         offsets are shared by all experts, so stepping to the next expert is one scalar pointer
         add. BETA_WORDS: beta read as int32 words of two experts' values (B0, beta_offsets and
-        stride_bi in words), 4-byte loads that cp.async can pipeline."""
+        stride_bi in words), 4-byte loads that cp.async can pipeline. PACKED (half inputs, on a
+        GPU): the same operations written in PTX's packed instructions, for tiles whose two
+        elements of a register take different betas (dx's transposed tile, where they lie at
+        neighbouring output features): from tl.fma's one scalar fma per element, ptxas there
+        issues a half-width instruction per element and packs the results, where packing the
+        betas once serves every row of the tile."""
         e = tl.load(E0 + e_offsets, mask=e_mask, other=0.0)
         b = _load_beta(B0, beta_offsets, beta_mask, 0, BETA_WORDS, e.dtype)
-        w = _rounded(b.to(DOT) * e.to(DOT), e.dtype)
+        if PACKED:
+            w = _packed_mul(b, e)
+        else:
+            w = _rounded(b.to(DOT) * e.to(DOT), e.dtype)
         for i in tl.static_range(1, M):
             E0 += stride_e0
             if (not BETA_WORDS) or (i % 2 == 0):
                 B0 += stride_bi
             e = tl.load(E0 + e_offsets, mask=e_mask, other=0.0)
             b = _load_beta(B0, beta_offsets, beta_mask, i, BETA_WORDS, e.dtype)
-            # an explicit fma: from a sum of products the compiler makes unpacked scalar adds
-            # for m > 2
-            w = _rounded(tl.fma(b.to(DOT), e.to(DOT), w), e.dtype)
+            if PACKED:
+                w = _packed_fma(b, e, w)
+            else:
+                # an explicit fma: from a sum of products the compiler makes unpacked scalar
+                # adds for m > 2
+                w = _rounded(tl.fma(b.to(DOT), e.to(DOT), w), e.dtype)
         return w
 
     @triton.jit
@@ -463,7 +501,8 @@ if triton is not None:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[:, None], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, k_ok[:, None] & o_ok[None, :],
                               stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[None, :],
-                              stride_bi, M, DOT, BETA_WORDS)
+                              stride_bi, M, DOT, BETA_WORDS,
+                              _PTX and ((DOT == tl.bfloat16) or (DOT == tl.float16)))
                 acc = tl.dot(w, dy.to(DOT), acc, input_precision=PRECISION)
             else:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[None, :], other=0.0)
