@@ -75,7 +75,8 @@ LAUNCH_S = 4e-6  # host time per kernel launched from PyTorch (launch plus dispa
 #   python tests/triton_compile.py --sass-table --dtypes bfloat16 --experts 2 3 4 5 6 \
 #       --all-configs --kernels forward grad_input
 # (Triton 3.9); docs/results.md, "Triton one-pass kernels" has the table (m = 2, 4 and 6), with
-# the commit; m = 3 and 5 at commit 73966f4.
+# the commit; m = 3 and 5 at commit 73966f4. Neuron-wise beta: dx with layer-wise beta loads its
+# betas once and runs shorter loops (docs/results.md), which the model does not credit.
 # Configurations the backend leaves out (triton_backend.one_pass_left_out: where they spill,
 # and the sm_90 forward's 64 x 64 x 32) are not charged there.
 TRITON_SASS = {

@@ -65,9 +65,10 @@ def test_strategies_match_float64_reference(strategy, m, layerwise, bias_kind, d
     check((70, 97, 65, 100, 66), m, layerwise, bias_kind, dtype, strategy)
 
 
+@pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_half_precision_inputs(strategy, dtype):
-    check((40, 70, 33, 72, 40), 2, False, "expert", dtype, strategy)
+def test_half_precision_inputs(strategy, dtype, layerwise):
+    check((40, 70, 33, 72, 40), 2, layerwise, "expert", dtype, strategy)
 
 
 if triton_backend.triton is not None:

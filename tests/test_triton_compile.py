@@ -51,6 +51,9 @@ RUNS = {
     "gemm-relative-max": ["--dtypes", "bfloat16", "--experts", str(RELATIVE_MAX_EXPERTS),
                           "--all-configs", "--targets", "90", "80", "--kernels", "forward",
                           "grad_input"],
+    # dx's variant for layer-wise beta (its betas loaded once, before the loop)
+    "gemm-layerwise": ["--dtypes", "bfloat16", "--experts", "2", "6", "--all-configs",
+                       "--targets", "90", "80", "--kernels", "grad_input", "--layerwise"],
     "tf32-m6": ["--dtypes", "float32", "--precisions", "tf32", "--experts", "6", "--all-configs",
                 "--targets", "90"],
     "first-configs": ["--dtypes", "float16", "float32", "float64", "--targets", "90", "80"],
@@ -126,6 +129,7 @@ def launched(row):
     tiles = {k: c.pop(k) for k in ("BLOCK_T", "BLOCK_N", "BLOCK_K", "GROUP") if k in c}
     config = triton.Config(tiles, **c)
     kernel = row["kernel"].split("[")[0]
+    kernel = next((k for k in ("forward", "grad_input") if kernel.startswith(k)), kernel)
     if kernel in ("forward", "grad_input"):
         tile = (tiles["BLOCK_T"], tiles["BLOCK_N"], tiles["BLOCK_K"], config.num_warps)
         return not tb.one_pass_left_out(kernel, row["arch"] // 10, row["m"], tile)

@@ -84,9 +84,10 @@ def plain_case(kernel, config):
                  GROUP=c["GROUP"]), {"stride_ad", "stride_bc"})
 
 
-def kernel_cases(dtype, m, all_configs, precisions):
+def kernel_cases(dtype, m, all_configs, precisions, layerwise=False):
     """(name, JIT function, constants, configs, the pruner's shared-memory estimate in elements
-    or None) per kernel variant the backend launches for this dtype and number of experts."""
+    or None) per kernel variant the backend launches for this dtype and number of experts;
+    layerwise: dx's variant for layer-wise beta (rows of stride 0) in place of its other."""
     acc, dot = tb._types(dtype)
     if dtype != torch.float32:
         precisions = ["ieee"]  # the only one half and double dots take
@@ -98,16 +99,19 @@ def kernel_cases(dtype, m, all_configs, precisions):
         one_pass = dict(common, WIDE=False, SWAP=None)
         out.append((f"forward[{precision}]", tb._forward_kernel, dict(one_pass, RELATIVE=None),
                     first(tb._GEMM_CONFIGS), tb._gemm_shared))
-        out.append((f"grad_input[{precision}]", tb._grad_input_kernel,
-                    dict(one_pass, BETA_WORDS=None), first(tb._GEMM_CONFIGS),
+        grad_input = dict(one_pass, BETA_WORDS=False if layerwise else None,
+                          LAYERWISE=layerwise)
+        out.append((f"grad_input{'_layerwise' if layerwise else ''}[{precision}]",
+                    tb._grad_input_kernel, grad_input, first(tb._GEMM_CONFIGS),
                     tb._grad_input_shared))
         if not all_configs:  # 64-bit offsets, for tensors of 2^31 elements or more
             wide = dict(one_pass, WIDE=True)
             out.append((f"forward_wide[{precision}]", tb._forward_kernel,
                         dict(wide, RELATIVE=None),
                         tb._GEMM_CONFIGS[:1], tb._gemm_shared))
-            out.append((f"grad_input_wide[{precision}]", tb._grad_input_kernel,
-                        dict(wide, BETA_WORDS=None), tb._GEMM_CONFIGS[:1],
+            out.append((f"grad_input{'_layerwise' if layerwise else ''}_wide[{precision}]",
+                        tb._grad_input_kernel,
+                        dict(grad_input, WIDE=True), tb._GEMM_CONFIGS[:1],
                         tb._grad_input_shared))
         for from_g, want_w in ((False, False), (True, False), (True, True)):
             out.append((f"weight_grad[{precision},from_g={from_g},want_w={want_w}]",
@@ -248,12 +252,12 @@ def compile_one(fn, constants, config, dtype, arch, units=None, types=None):
 
 
 def compile_rows(dtype_name, m, targets, all_configs, precisions, plain_cache, kernels=None,
-                 indices=None):
+                 indices=None, layerwise=False):
     """One row per compile of every kernel variant (see the module docstring); ``kernels``:
     only those whose names start with one of these; ``indices``: only these configs."""
     dtype = getattr(torch, dtype_name)
     for name, kernel, constants, configs, estimate in kernel_cases(dtype, m, all_configs,
-                                                                   precisions):
+                                                                   precisions, layerwise):
         if kernels and not name.startswith(tuple(kernels)):
             continue
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -331,6 +335,9 @@ def main(argv=None):
                         help="only these indices in the kernels' config lists")
     parser.add_argument("--kernels", nargs="+", default=None,
                         help="only the kernels whose names start with one of these")
+    parser.add_argument("--layerwise", action="store_true",
+                        help="dx's variant for layer-wise beta (rows of stride 0) in place of "
+                             "its other")
     parser.add_argument("--sass-table", action="store_true",
                         help="print a markdown table of the one-pass GEMM kernels' main loops "
                              "against the plain matmul instead of JSON lines")
@@ -340,7 +347,7 @@ def main(argv=None):
         for m in args.experts:
             for row in compile_rows(dtype_name, m, args.targets, args.all_configs,
                                     args.precisions, plain_cache, args.kernels,
-                                    args.configs):
+                                    args.configs, args.layerwise):
                 if args.sass_table:
                     table.append(row)
                 else:

@@ -469,11 +469,15 @@ if triton is not None:
                            M: tl.constexpr, ACC: tl.constexpr,
                            DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                           WIDE: tl.constexpr, SWAP: tl.constexpr, BETA_WORDS: tl.constexpr):
+                           WIDE: tl.constexpr, SWAP: tl.constexpr, BETA_WORDS: tl.constexpr,
+                           LAYERWISE: tl.constexpr):
         """dx[t, k] = sum_o dy[t, o] W_a[o, k] for a (BLOCK_T, BLOCK_N) tile of dx (SWAP: its
         transpose, stored transposed); the loop runs over the output features o, BLOCK_K at a
         time. The tile sizes keep the forward's roles (BLOCK_N: the weight tile's rows in the
-        dot, BLOCK_K: the reduction step), so a configuration gives both kernels the same dots."""
+        dot, BLOCK_K: the reduction step), so a configuration gives both kernels the same dots.
+        LAYERWISE: beta's rows are one row (stride_bo == 0, layer-wise MoS): its loads then do
+        not depend on the step, so the compiler loads them once, before the loop, in the
+        mixing's layout, and the loop reads no beta at all."""
         # Without it the loop's zero-trip path sets the accumulator after the loop's last wgmma
         # and before its final wait, and ptxas then serialises every wgmma of the loop. The
         # launcher guarantees it (_Dims).
@@ -487,28 +491,34 @@ if triton is not None:
         if SWAP:
             dy_offsets = os_[:, None] * stride_dyo + rows_in[None, :] * stride_dyt  # (O, T)
             e_offsets = ks[:, None] * stride_e2 + os_[None, :] * stride_e1  # (N, O): W_a^T
-            beta_offsets = os_[None, :] * stride_bo
+            beta_offsets = _column(os_, False) * stride_bo
             acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=ACC)
         else:
             dy_offsets = rows_in[:, None] * stride_dyt + os_[None, :] * stride_dyo  # (T, O)
             e_offsets = os_[:, None] * stride_e1 + ks[None, :] * stride_e2  # (O, N): W_a
-            beta_offsets = os_[:, None] * stride_bo
+            beta_offsets = _column(os_, True) * stride_bo
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+        if LAYERWISE:
+            beta_offsets = tl.zeros(beta_offsets.shape, beta_offsets.dtype)
         for o0 in range(0, n_out, BLOCK_K):
             o_ok = os_ < n_out - o0
             o = _index(o0, WIDE)
+            beta_step = Beta + o * stride_bo
+            beta_ok = _column(o_ok, not SWAP)
+            if LAYERWISE:  # every output feature's beta is row 0's: no step offset, no mask
+                beta_step = Beta
+                beta_ok = tl.full(beta_offsets.shape, 1, tl.int1)
             if SWAP:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[:, None], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, k_ok[:, None] & o_ok[None, :],
-                              stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[None, :],
-                              stride_bi, M, DOT, BETA_WORDS,
-                              _PTX and ((DOT == tl.bfloat16) or (DOT == tl.float16)))
+                              stride_e0, beta_step, beta_offsets, beta_ok, stride_bi, M, DOT,
+                              BETA_WORDS, _PTX and ((DOT == tl.bfloat16) or (DOT == tl.float16)))
                 acc = tl.dot(w, dy.to(DOT), acc, input_precision=PRECISION)
             else:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[None, :], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, o_ok[:, None] & k_ok[None, :],
-                              stride_e0, Beta + o * stride_bo, beta_offsets, o_ok[:, None],
-                              stride_bi, M, DOT, BETA_WORDS)
+                              stride_e0, beta_step, beta_offsets, beta_ok, stride_bi, M, DOT,
+                              BETA_WORDS)
                 acc = tl.dot(dy.to(DOT), w, acc, input_precision=PRECISION)
         rows = _index(rows, WIDE)
         if SWAP:
@@ -910,8 +920,10 @@ class _Dims:
         # int32 words of two experts (half inputs, even m, rows of m contiguous values) those
         # are 4-byte loads that cp.async pipelines; 2-byte ones are synchronous loads in the loop
         self.beta_words = swap and self.element_size == 2 and self.m % 2 == 0
-        self.grad_input = {(wide, words): dict(self.one_pass[wide], BETA_WORDS=words)
-                           for wide in (False, True) for words in (False, True)}
+        self.grad_input = {(wide, words, layerwise): dict(self.one_pass[wide], BETA_WORDS=words,
+                                                          LAYERWISE=layerwise)
+                           for wide in (False, True) for words in (False, True)
+                           for layerwise in (False, True)}
         self.options = {}
 
     def strategy(self, tokens):
@@ -993,14 +1005,15 @@ def _grad_input(dy, x, experts, beta, d, strategy):
         return dx
     wide = d.wide_experts or _wide(dy) or _wide(dx)
     words = d.beta_words and beta.stride() == (d.m, 1) and beta.storage_offset() % 2 == 0
+    layerwise = beta.stride(0) == 0
     # triton.reinterpret: a wrapper, cheaper on the host than Tensor.view
     beta_arg, beta_strides = (triton.reinterpret(beta, tl.int32), (d.m // 2, 1)) if words \
         else (beta, beta.stride())
     _GRAD_INPUT.launch(
-        d, ("grad_input", wide, words), tokens,
+        d, ("grad_input", wide, words, layerwise), tokens,
         lambda o: (_cdiv(tokens, o["BLOCK_T"]) * _cdiv(d.n_in, o["BLOCK_N"]),),
         (dy, experts, beta_arg, dx, tokens, d.n_out, d.n_in, *dy.stride(), *experts.stride(),
-         *beta_strides, dx.stride(0)), d.grad_input[wide, words])
+         *beta_strides, dx.stride(0)), d.grad_input[wide, words, layerwise])
     return dx
 
 
