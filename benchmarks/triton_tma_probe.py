@@ -103,5 +103,6 @@ def main(argv=None):
               f"{config.num_stages} | {_loop(ours)} | {_loop(device)} | {_loop(host)} | "
               f"{_loop(yardstick)} |")
 
+
 if __name__ == "__main__":
     main()

@@ -491,23 +491,23 @@ if triton is not None:
         if SWAP:
             dy_offsets = os_[:, None] * stride_dyo + rows_in[None, :] * stride_dyt  # (O, T)
             e_offsets = ks[:, None] * stride_e2 + os_[None, :] * stride_e1  # (N, O): W_a^T
-            beta_offsets = _column(os_, False) * stride_bo
+            beta_offsets = os_[None, :] * stride_bo
             acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=ACC)
         else:
             dy_offsets = rows_in[:, None] * stride_dyt + os_[None, :] * stride_dyo  # (T, O)
             e_offsets = os_[:, None] * stride_e1 + ks[None, :] * stride_e2  # (O, N): W_a
-            beta_offsets = _column(os_, True) * stride_bo
+            beta_offsets = os_[:, None] * stride_bo
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
-        if LAYERWISE:
+        if LAYERWISE:  # every output feature reads row 0's betas: no step offset, no mask
             beta_offsets = tl.zeros(beta_offsets.shape, beta_offsets.dtype)
+            every_beta = tl.full(beta_offsets.shape, 1, tl.int1)
         for o0 in range(0, n_out, BLOCK_K):
             o_ok = os_ < n_out - o0
             o = _index(o0, WIDE)
-            beta_step = Beta + o * stride_bo
-            beta_ok = _column(o_ok, not SWAP)
-            if LAYERWISE:  # every output feature's beta is row 0's: no step offset, no mask
-                beta_step = Beta
-                beta_ok = tl.full(beta_offsets.shape, 1, tl.int1)
+            if LAYERWISE:
+                beta_step, beta_ok = Beta, every_beta
+            else:
+                beta_step, beta_ok = Beta + o * stride_bo, _column(o_ok, not SWAP)
             if SWAP:
                 dy = tl.load(DY + o * stride_dyo + dy_offsets, mask=o_ok[:, None], other=0.0)
                 w = _mix_tile(E + o * stride_e1, e_offsets, k_ok[:, None] & o_ok[None, :],
